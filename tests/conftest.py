@@ -1,0 +1,30 @@
+"""Shared pytest set-up."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on CPU")
+    config.addinivalue_line("markers", "slow: slower integration tests (still run by `make test`)")
+    config.addinivalue_line("markers", "entry: runs a real experiment script on tiny sizes")
+
+
+def _has_gpu() -> bool:
+    import jax
+
+    try:
+        return len(jax.devices("gpu")) > 0
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none present); CPU covers the same code in interpret mode")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
