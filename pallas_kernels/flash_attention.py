@@ -1,0 +1,213 @@
+"""Public FlashAttention op: argument checking, padding, block-size table and the custom VJP.
+
+``flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, block_q=None,
+block_k=None, interpret=None) -> o`` computes exactly what
+:func:`pallas_kernels.reference_attention` computes (same conventions: ``[B, T, H, D]`` layout,
+GQA/MQA by ``h // (Hq // Hkv)``, bottom-right causal alignment, ``segment_ids`` as one
+``[B, T]`` array or a ``(q_ids, kv_ids)`` pair, rows with no visible key -> 0), with O(T) memory:
+the forward saves only ``o`` and the per-row log-sum-exp, the backward recomputes the scores.
+
+Backends: compiled through Pallas' Triton lowering on a GPU backend; Pallas interpret mode
+(``interpret=True``) anywhere. ``interpret=None`` picks interpret mode iff
+``jax.default_backend() != "gpu"``; ``interpret=False`` without a GPU raises ``RuntimeError``.
+
+Supported: float32 / bfloat16 / float16 inputs (float32 softmax statistics and accumulation;
+float32 inputs use exact float32 products, not TF32); head dims 16, 32, 64, 128, 256; any
+``Tq``, ``Tk`` (inputs are zero-padded to block multiples and the padding is masked); block sizes
+powers of two >= 16.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._bwd_kernel import flash_bwd
+from pallas_kernels._common import AttnStatic
+from pallas_kernels._fwd_kernel import flash_fwd
+from pallas_kernels.reference import check_attention_args
+
+__all__ = ["flash_attention", "kernel_config"]
+
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+# --------------------------------------------------------------------------------------------
+# Block sizes / launch parameters. Keys: head dim. Values: (block_q, block_k, num_warps,
+# num_stages) for the forward, the dK/dV kernel and the dQ kernel. Tuned on an H100 (see
+# docs/benchmarks/attention_notes.md); interpret mode only uses the block sizes.
+# --------------------------------------------------------------------------------------------
+_GPU_TABLE = {
+    #        fwd                  dkdv                dq
+    16: ((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
+    32: ((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
+    64: ((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
+    128: ((128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 8, 2)),
+    256: ((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1)),
+}
+_INTERPRET_BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    block_q: int
+    block_k: int
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+def kernel_config(D, Tq, Tk, *, interpret):
+    """Default ``(fwd, dkdv, dq)`` :class:`KernelConfig` for a head dim and sequence lengths."""
+    def clip(b, T):
+        return max(16, min(b, _next_pow2(T)))
+
+    if interpret:
+        bq, bk = clip(_INTERPRET_BLOCK, Tq), clip(_INTERPRET_BLOCK, Tk)
+        c = KernelConfig(bq, bk)
+        return c, c, c
+    out = []
+    for bq, bk, w, s in _GPU_TABLE[D]:
+        out.append(KernelConfig(clip(bq, Tq), clip(bk, Tk), w, s))
+    return tuple(out)
+
+
+def _next_pow2(n):
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _is_pow2(n):
+    return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
+
+
+def _resolve_interpret(interpret):
+    backend = jax.default_backend()
+    if interpret is None:
+        return backend != "gpu"
+    if not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be None, True or False, got {interpret!r}")
+    if not interpret and backend != "gpu":
+        raise RuntimeError(
+            f"flash_attention(interpret=False) needs a GPU backend for the compiled Pallas "
+            f"kernel, but jax.default_backend() is {backend!r}; pass interpret=True (or None) "
+            "to run the kernel in Pallas interpret mode")
+    return interpret
+
+
+def _check_block(name, b):
+    if b is None:
+        return
+    if not _is_pow2(b) or b < 16:
+        raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    fwd: AttnStatic
+    dkdv: AttnStatic
+    dq: AttnStatic
+    Tq: int
+    Tk: int
+
+
+def _compiler_params(st: AttnStatic):
+    if st.interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton  # GPU only
+    return pltriton.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
+
+
+def _pad_seq(x, T_pad):
+    T = x.shape[1]
+    if T == T_pad:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, T_pad - T)
+    return jnp.pad(x, pad)
+
+
+def _pad_segs(segs, Tq_pad, Tk_pad):
+    if segs is None:
+        return None, None
+    q_seg, kv_seg = segs
+    # padded positions are masked by position anyway; distinct ids keep them apart too.
+    q_seg = jnp.pad(q_seg, ((0, 0), (0, Tq_pad - q_seg.shape[1])), constant_values=-1)
+    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, Tk_pad - kv_seg.shape[1])), constant_values=-2)
+    return q_seg, kv_seg
+
+
+def _forward(q, k, v, q_seg, kv_seg, plan: _Plan):
+    st = plan.fwd
+    qp, kp, vp = _pad_seq(q, st.Tq_pad), _pad_seq(k, st.Tk_pad), _pad_seq(v, st.Tk_pad)
+    o, lse = flash_fwd(qp, kp, vp, q_seg, kv_seg, st, _compiler_params(st))
+    return o[:, :plan.Tq], lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, kv_seg, plan):
+    return _forward(q, k, v, q_seg, kv_seg, plan)[0]
+
+
+def _flash_fwd_rule(q, k, v, q_seg, kv_seg, plan):
+    o, lse = _forward(q, k, v, q_seg, kv_seg, plan)
+    return o, (q, k, v, q_seg, kv_seg, o, lse)
+
+
+def _flash_bwd_rule(plan, res, do):
+    q, k, v, q_seg, kv_seg, o, lse = res
+    st = plan.dkdv
+    # delta = rowsum(dO * O) in float32, [B, Hq, Tq_pad] (padded rows: dO = 0 -> delta = 0)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    delta = _pad_seq(delta, st.Tq_pad).transpose(0, 2, 1)
+    qp, dop = _pad_seq(q, st.Tq_pad), _pad_seq(do.astype(q.dtype), st.Tq_pad)
+    kp, vp = _pad_seq(k, st.Tk_pad), _pad_seq(v, st.Tk_pad)
+    dq, dk, dv = flash_bwd(qp, kp, vp, dop, lse, delta, q_seg, kv_seg, st, plan.dq,
+                           _compiler_params(st), _compiler_params(plan.dq))
+    return dq[:, :plan.Tq], dk[:, :plan.Tk], dv[:, :plan.Tk], None, None
+
+
+_flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
+
+
+def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, block_q=None,
+                    block_k=None, interpret=None):
+    """FlashAttention with a custom VJP; same result as ``reference_attention``.
+
+    Args:
+      q: ``[B, Tq, Hq, D]``; k, v: ``[B, Tk, Hkv, D]``, ``Hq % Hkv == 0``; one float dtype.
+      causal: bottom-right aligned causal mask (query ``i`` sees key ``j <= i + Tk - Tq``).
+      segment_ids: int ``[B, T]`` (needs ``Tq == Tk``) or a pair ``([B, Tq], [B, Tk])``.
+      sm_scale: score scale, default ``1/sqrt(D)``.
+      block_q, block_k: block sizes (powers of two >= 16) for all three kernels; ``None`` uses
+        the tuned table (:func:`kernel_config`).
+      interpret: ``None`` (interpret iff no GPU backend), ``True`` or ``False``.
+
+    Returns:
+      ``o [B, Tq, Hq, D]`` in ``q.dtype``; differentiable in q, k, v.
+    """
+    B, Tq, Tk, Hq, Hkv, D, sm_scale, segs = check_attention_args(q, k, v, segment_ids, sm_scale)
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {_HEAD_DIMS} for the Pallas kernel, got {D}")
+    _check_block("block_q", block_q)
+    _check_block("block_k", block_k)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    interpret = _resolve_interpret(interpret)
+
+    cfgs = kernel_config(D, Tq, Tk, interpret=interpret)
+    cfgs = [dataclasses.replace(c, block_q=block_q or c.block_q, block_k=block_k or c.block_k)
+            for c in cfgs]
+    Tq_pad = -(-Tq // max(c.block_q for c in cfgs)) * max(c.block_q for c in cfgs)
+    Tk_pad = -(-Tk // max(c.block_k for c in cfgs)) * max(c.block_k for c in cfgs)
+
+    def static(c):
+        return AttnStatic(Tq=Tq, Tk=Tk, Tq_pad=Tq_pad, Tk_pad=Tk_pad, D=D, group=Hq // Hkv,
+                          block_q=c.block_q, block_k=c.block_k, causal=causal,
+                          has_segments=segs is not None, sm_scale=sm_scale,
+                          dtype=jnp.dtype(q.dtype).name, interpret=interpret,
+                          num_warps=c.num_warps, num_stages=c.num_stages)
+
+    plan = _Plan(static(cfgs[0]), static(cfgs[1]), static(cfgs[2]), Tq, Tk)
+    q_seg, kv_seg = _pad_segs(segs, Tq_pad, Tk_pad)
+    return _flash(q, k, v, q_seg, kv_seg, plan)

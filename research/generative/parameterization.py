@@ -1,0 +1,99 @@
+"""Exact conversions between epsilon, x_0, score and velocity predictions on a Gaussian path.
+
+For x_t = a x_0 + s eps (a = alpha(t), s = sigma(t), a' and s' their time derivatives):
+  eps   -> x_0:  x_0 = (x_t - s eps) / a
+  x_0   -> eps:  eps = (x_t - a x_0) / s
+  score = grad log p_t(x_t) = -E[eps | x_t] / s
+  velocity (probability-flow ODE drift) v = a' x_0 + s' eps, and back:
+      x_0 = (s' x_t - s v) / (a s' - s a'),   eps = (a v - a' x_t) / (a s' - s a')
+Every prediction is an affine function of (E[x_0 | x_t], E[eps | x_t]), so a model trained in one
+parameterisation is sampled by any sampler through these maps (and CFG, an affine combination,
+commutes with them).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+from research.generative.paths import GaussianPath, _bc
+
+PREDICTIONS = ("eps", "x0", "score", "velocity")
+
+
+def _check(pred_type, what):
+    if pred_type not in PREDICTIONS:
+        raise ValueError(f"{what}: unknown prediction type {pred_type!r}; expected one of {PREDICTIONS}")
+
+
+def to_x0_eps(path: GaussianPath, pred, x_t, t, prediction: str):
+    """(x0_hat, eps_hat) from a prediction of type ``prediction`` at (x_t, t); x_t [B, ...], t [B]."""
+    _check(prediction, "to_x0_eps")
+    a, s = _bc(path.alpha(t), x_t), _bc(path.sigma(t), x_t)
+    pred = pred.astype(jnp.float32)
+    if prediction == "eps":
+        return (x_t - s * pred) / a, pred
+    if prediction == "x0":
+        return pred, (x_t - a * pred) / s
+    if prediction == "score":
+        eps = -s * pred
+        return (x_t - s * eps) / a, eps
+    da, ds = _bc(path.d_alpha(t), x_t), _bc(path.d_sigma(t), x_t)
+    det = a * ds - s * da
+    return (ds * x_t - s * pred) / det, (a * pred - da * x_t) / det
+
+
+def from_x0_eps(path: GaussianPath, x0, eps, x_t, t, prediction: str):
+    """Prediction of type ``prediction`` from (x0_hat, eps_hat)."""
+    _check(prediction, "from_x0_eps")
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "score":
+        return -eps / _bc(path.sigma(t), x_t)
+    return _bc(path.d_alpha(t), x_t) * x0 + _bc(path.d_sigma(t), x_t) * eps
+
+
+def convert(path: GaussianPath, pred, x_t, t, *, src: str, dst: str):
+    """Convert a prediction from parameterisation ``src`` to ``dst`` (exact algebra)."""
+    if src == dst:
+        _check(src, "convert")
+        return pred
+    x0, eps = to_x0_eps(path, pred, x_t, t, src)
+    return from_x0_eps(path, x0, eps, x_t, t, dst)
+
+
+def as_fn(fn: Callable, path: GaussianPath, *, src: str, dst: str) -> Callable:
+    """Wrap ``fn(x, t) -> prediction of type src`` into ``(x, t) -> prediction of type dst``."""
+    _check(src, "as_fn")
+    _check(dst, "as_fn")
+    return lambda x, t: convert(path, fn(x, t), x, t, src=src, dst=dst)
+
+
+def as_x0_eps_fn(fn: Callable, path: GaussianPath, *, src: str) -> Callable:
+    """Wrap ``fn(x, t)`` into ``(x, t) -> (x0_hat, eps_hat)`` (used by DDIM)."""
+    _check(src, "as_x0_eps_fn")
+    return lambda x, t: to_x0_eps(path, fn(x, t), x, t, src)
+
+
+def as_edm_denoiser(fn: Callable, path: GaussianPath, *, src: str) -> Callable:
+    """EDM denoiser D(x, sigma) from any path model ``fn(x, t)``.
+
+    EDM's x = x_0 + sigma eps equals x_t / alpha(t) with sigma = sigma(t) / alpha(t), so
+    D(x, sigma) = x0_hat(alpha(t) x, t) with t = path.t_from_edm_sigma(sigma).
+    """
+    _check(src, "as_edm_denoiser")
+
+    def denoiser(x, sigma):
+        t = path.t_from_edm_sigma(sigma)
+        x_t = _bc(path.alpha(t), x) * x
+        x0, _ = to_x0_eps(path, fn(x_t, t), x_t, t, src)
+        return x0
+
+    return denoiser
+
+
+def model_as_fn(model_fn: Callable, params, cond=None) -> Callable:
+    """``(x, t) -> model_fn(params, x, t, cond, None)`` (inference call)."""
+    return lambda x, t: model_fn(params, x, t, cond, None)

@@ -1,0 +1,319 @@
+"""Parity of the PyTorch twins (experiments/torch_baselines) with the JAX flagship.
+
+Same weights (through the converter) and the same inputs must give: the same DiT outputs (float32
+tolerance, scanned and unscanned blocks), exactly the same weights after a converter round trip,
+the same loss, the same gradients per parameter, the same AdamW trajectory (schedule, clipping,
+decay mask, EMA) and the same Euler/Heun samples with classifier-free guidance.
+
+The random weights are the Flax initialisation plus noise, so that the zero-initialised adaLN
+and output layers do not make everything trivially zero.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from experiments.torch_baselines import convert, flow  # noqa: E402
+from experiments.torch_baselines import dit as tdit  # noqa: E402
+from experiments.torch_baselines import optim as topt  # noqa: E402
+from research.generative.losses import rectified_flow_loss  # noqa: E402
+from research.generative.samplers import guided, ode_sample  # noqa: E402
+from research.generative.timesteps import sample_timesteps  # noqa: E402
+from research.nn.dit import DiT, init_dit, make_model_fn  # noqa: E402
+from research.train.optim import default_decay_mask, make_optimizer, warmup_cosine_schedule  # noqa: E402
+from research.train.state import create_train_state  # noqa: E402
+from research.train.step import make_train_step  # noqa: E402
+
+CFG = dict(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+B = 4
+
+torch.manual_seed(0)
+
+
+def _perturb(params, key, scale=0.1):
+    leaves, tdef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tdef, [l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
+
+
+def _torch_model(params, dropout=0.1):
+    m = tdit.DiT(**CFG, class_dropout_prob=dropout)
+    convert.load_flax_params(m, params)
+    return m
+
+
+def _t(x):
+    return torch.from_numpy(np.array(x))
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(scan: bool, dropout: float = 0.1):
+    model = DiT(**CFG, class_dropout_prob=dropout, scan_blocks=scan)
+    params = _perturb(init_dit(model, jax.random.key(0)), jax.random.key(1))
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((B, 8, 8, 1)).astype(np.float32)
+    t = rng.uniform(0.01, 0.99, B).astype(np.float32)
+    y = np.array([0, 3, 9, 10], np.int32)  # 10 = null label
+    return x, t, y
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_dit_forward_parity(scan, inputs):
+    model, params = _setup(scan)
+    x, t, y = inputs
+    out_j = np.asarray(model.apply({"params": params}, x, t, y))
+    tm = _torch_model(params)
+    with torch.no_grad():
+        out_t = tm(_t(x), _t(t), _t(y)).numpy()
+    assert out_t.dtype == np.float32 and out_t.shape == x.shape
+    assert np.abs(out_j).max() > 0.1  # non-trivial output
+    np.testing.assert_allclose(out_t, out_j, rtol=1e-5, atol=2e-5)
+    # forced label drop = null label on both sides
+    drop = np.array([1, 0, 1, 0], np.int32)
+    out_j = np.asarray(model.apply({"params": params}, x, t, y, force_drop_ids=drop))
+    with torch.no_grad():
+        out_t = tm(_t(x), _t(t), _t(y), force_drop_ids=_t(drop)).numpy()
+    np.testing.assert_allclose(out_t, out_j, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_converter_round_trip_exact(scan):
+    _, params = _setup(scan)
+    sd = convert.flax_to_torch(params)
+    back = convert.torch_to_flax(sd, scan_blocks=scan)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(
+        jax.tree_util.tree_map(np.asarray, params))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, back)
+    # torch -> flax -> torch is exact too, and scanned <-> unscanned is a pure relayout
+    sd2 = convert.flax_to_torch(back)
+    assert set(sd2) == set(sd) and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    other = convert.torch_to_flax(sd, scan_blocks=not scan)
+    model_other = DiT(**CFG, scan_blocks=not scan)
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    model_other.apply({"params": other}, x, np.zeros(2, np.float32), np.zeros(2, np.int32))  # loads
+
+
+def test_converter_bad_input():
+    _, params = _setup(True)
+    with pytest.raises(ValueError, match="params"):
+        convert.flax_to_torch({"params": params})
+    sd = convert.flax_to_torch(params)
+    sd["blocks.0.attn.bogus"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="bogus"):
+        convert.torch_to_flax(sd)
+    small = tdit.DiT(**{**CFG, "hidden_size": 16})
+    with pytest.raises(ValueError, match="shape mismatch"):
+        convert.load_flax_params(small, params)
+
+
+def test_init_scheme_matches():
+    """Same initialisation scheme: identical names/shapes, the same exact zeros and ones, and the
+    same spread (std within 15 %) for every random tensor."""
+    model = DiT(**{**CFG, "hidden_size": 64, "num_heads": 4})
+    pj = convert.flax_to_torch(init_dit(model, jax.random.key(3)))
+    pt = tdit.DiT(**{**CFG, "hidden_size": 64, "num_heads": 4}).state_dict()
+    assert set(pj) == set(pt)
+    for name in pj:
+        a, b = pj[name].numpy(), pt[name].numpy()
+        assert a.shape == b.shape, name
+        for const in (0.0, 1.0):
+            assert np.all(a == const) == np.all(b == const), name
+        if np.all(a == a.flat[0]):
+            continue
+        ratio = b.std() / a.std()
+        assert 0.85 < ratio < 1.15, (name, ratio)
+
+
+def test_decay_mask_matches():
+    _, params = _setup(True)
+    mask_j = convert.flax_to_torch(jax.tree_util.tree_map(
+        lambda m, p: np.full(p.shape, m, np.float32), default_decay_mask(params), params))
+    mask_t = tdit.decay_mask(_torch_model(params))
+    assert set(mask_j) == set(mask_t)
+    for name, m in mask_t.items():
+        assert bool(mask_j[name].flatten()[0]) == m, name
+    assert not mask_t["y_embedder.embedding_table.weight"] and mask_t["x_embedder.weight"]
+
+
+def _jax_loss_explicit(model_fn, params, x0, y, t, eps):
+    tb = t[:, None, None, None]
+    pred = model_fn(params, (1 - tb) * x0 + tb * eps, t, y, None)
+    return jnp.mean(jnp.mean(jnp.square(pred - (eps - x0)).reshape(x0.shape[0], -1), axis=1))
+
+
+def test_timesteps_logit_normal_distribution():
+    g = torch.Generator().manual_seed(0)
+    t = flow.sample_timesteps((20000,), generator=g, loc=0.3, scale=0.8).numpy()
+    tj = np.asarray(sample_timesteps(jax.random.key(0), (20000,), loc=0.3, scale=0.8))
+    logit = np.log(t / (1 - t))
+    assert abs(logit.mean() - 0.3) < 0.03 and abs(logit.std() - 0.8) < 0.03
+    # same distribution as the JAX sampler (two-sample KS statistic)
+    grid = np.linspace(0, 1, 201)
+    ks = np.max(np.abs(np.searchsorted(np.sort(t), grid) - np.searchsorted(np.sort(tj), grid))) / 20000
+    assert ks < 0.03
+    # the same uniform gives the same t (inverse-CDF mapping)
+    u = np.array([1e-6, 0.1, 0.5, 0.9], np.float32)
+    tt = torch.sigmoid(0.3 + 0.8 * torch.special.ndtri(_t(u))).numpy()
+    tj = np.asarray(jax.nn.sigmoid(0.3 + 0.8 * jax.scipy.special.ndtri(u)))
+    np.testing.assert_allclose(tt, tj, rtol=1e-5)
+
+
+def test_loss_parity_with_jax_rectified_flow_loss(inputs):
+    """Torch loss with the (t, eps) that ``rectified_flow_loss`` draws from its key equals it."""
+    model, params = _setup(True, dropout=0.0)
+    x, _, y = inputs
+    key = jax.random.key(5)
+    loss_j, _ = rectified_flow_loss(make_model_fn(model), params, jnp.asarray(x), key, cond=jnp.asarray(y),
+                                    loc=0.2, scale=1.1)
+    # the draws of research.generative.losses: key -> (eps, rest); rest -> (t, z, model)
+    k_eps, k_rest = jax.random.split(key)
+    eps = jax.random.normal(k_eps, x.shape, jnp.float32)
+    k_t = jax.random.split(k_rest, 3)[0]
+    t = sample_timesteps(k_t, (B,), dist="logit_normal", loc=0.2, scale=1.1)
+    tm = _torch_model(params, dropout=0.0)
+    loss_t = flow.rectified_flow_loss(tm, _t(x), _t(y), t=_t(t), eps=_t(eps))
+    assert float(loss_j) > 0.1
+    np.testing.assert_allclose(float(loss_t), float(loss_j), rtol=2e-6)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_gradient_parity(scan, inputs):
+    model, params = _setup(scan)
+    x, t, y = inputs
+    eps = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    fn = make_model_fn(model)
+    loss_j, g_j = jax.value_and_grad(_jax_loss_explicit, argnums=1)(fn, params, x, y, t, eps)
+    tm = _torch_model(params)
+    loss_t = flow.rectified_flow_loss(tm, _t(x), _t(y), t=_t(t), eps=_t(eps), train=False)
+    loss_t.backward()
+    np.testing.assert_allclose(float(loss_t), float(loss_j), rtol=2e-6)
+    g_t = convert.torch_to_flax({n: p.grad for n, p in tm.named_parameters()}, scan_blocks=scan)
+    errs = jax.tree_util.tree_map(_rel_err, g_t, jax.tree_util.tree_map(np.asarray, g_j))
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(errs)}
+    worst = max(flat, key=flat.get)
+    print(f"\nmax relative gradient error (scan={scan}): {flat[worst]:.2e} at {worst}")
+    assert flat[worst] < 1e-4, flat
+
+
+def test_schedule_matches():
+    sj = warmup_cosine_schedule(3e-3, warmup_steps=5, total_steps=20, end_lr_frac=0.1)
+    st = topt.warmup_cosine(3e-3, warmup_steps=5, total_steps=20, end_lr_frac=0.1)
+    steps = np.arange(0, 25)
+    np.testing.assert_allclose([st(int(s)) for s in steps], np.asarray(jax.vmap(sj)(steps)), rtol=1e-6, atol=1e-12)
+    m = tdit.DiT(**CFG)
+    opt, sched = topt.make_optimizer(m, learning_rate=3e-3, warmup_steps=5, total_steps=20, weight_decay=0.1,
+                                     end_lr_frac=0.1)
+    seen = []
+    for _ in range(8):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(seen, np.asarray(jax.vmap(sj)(steps[:8])), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_optimizer_trajectory_parity(scan, inputs):
+    """Three train steps (warmup + cosine, clipping that triggers, masked decay, EMA) agree."""
+    model, params = _setup(scan, dropout=0.0)
+    x, _, y = inputs
+    rng = np.random.default_rng(2)
+    n_steps, hp = 3, dict(learning_rate=1e-2, warmup_steps=1, total_steps=4, weight_decay=0.1, end_lr_frac=0.1)
+    clip, ema_decay = 0.3, 0.8
+    batches = [dict(x=x, y=y, t=rng.uniform(0.05, 0.95, B).astype(np.float32),
+                    eps=rng.standard_normal(x.shape).astype(np.float32)) for _ in range(n_steps)]
+    fn = make_model_fn(model)
+
+    def loss_fn(p, batch, key):
+        del key
+        loss = _jax_loss_explicit(fn, p, batch["x"], batch["y"], batch["t"], batch["eps"])
+        return loss, {}
+
+    opt_j = make_optimizer(clip_norm=clip, **hp)
+    step = make_train_step(loss_fn, opt_j, ema_decay=ema_decay, donate=False)
+    state = create_train_state(params, opt_j, jax.random.key(0), ema=True)
+
+    tm = _torch_model(params, dropout=0.0)
+    ema_t = [p.detach().clone() for p in tm.parameters()]
+    opt_t, sched_t = topt.make_optimizer(tm, **hp)
+    plist = list(tm.parameters())
+    for i, batch in enumerate(batches):
+        state, metrics = step(state, batch)
+        mt = topt.train_step(
+            lambda: flow.rectified_flow_loss(tm, _t(batch["x"]), _t(batch["y"]), t=_t(batch["t"]),
+                                             eps=_t(batch["eps"]), train=False),
+            plist, opt_t, sched_t, clip_norm=clip, ema_params=ema_t, ema_decay=ema_decay)
+        np.testing.assert_allclose(float(mt["loss"]), float(metrics["loss"]), rtol=1e-5)
+        np.testing.assert_allclose(float(mt["grad_norm"]), float(metrics["grad_norm"]), rtol=1e-5)
+        np.testing.assert_allclose(float(mt["lr"]), float(metrics["lr"]), rtol=1e-6)
+        if i == 1:
+            assert float(metrics["grad_norm"]) > clip  # clipping is exercised
+        got = convert.torch_to_flax(tm.state_dict(), scan_blocks=scan)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=2e-6),
+                               got, state.params)
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                   state.params, params)
+    assert min(jax.tree_util.tree_leaves(moved)) > 1e-4  # every leaf actually moved
+    names = [n for n, _ in tm.named_parameters()]
+    ema_j = convert.flax_to_torch(state.ema_params)
+    for n, e in zip(names, ema_t):
+        np.testing.assert_allclose(e.numpy(), ema_j[n].numpy(), rtol=1e-4, atol=2e-6, err_msg=n)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_sampler_parity_with_cfg(method, guidance):
+    model, params = _setup(True)
+    rng = np.random.default_rng(3)
+    x1 = rng.standard_normal((B, 8, 8, 1)).astype(np.float32)
+    y = np.array([1, 2, 3, 4], np.int32)
+    gw = 1 if guidance == 1.0 else guidance  # python int 1 takes the single-call path on both sides
+    vj = guided(make_model_fn(model), params, jnp.asarray(y), 10, gw)
+    xj = np.asarray(jax.jit(lambda x: ode_sample(vj, x, num_steps=4, method=method))(x1))
+    tm = _torch_model(params)
+    vt = flow.guided(tm, _t(y), 10, gw)
+    xt = flow.ode_sample(vt, _t(x1), num_steps=4, method=method).numpy()
+    assert np.abs(xj - x1).max() > 0.1  # the sampler moved
+    np.testing.assert_allclose(xt, xj, rtol=1e-5, atol=3e-5)
+
+
+def test_torch_label_dropout_rate():
+    m = tdit.DiT(**CFG, class_dropout_prob=0.25)
+    g = torch.Generator().manual_seed(0)
+    y = torch.zeros(4000, dtype=torch.long)
+    table = m.y_embedder.embedding_table.weight
+    emb = m.y_embedder(y, train=True, generator=g)
+    dropped = torch.all(emb == table[10], dim=1).float().mean().item()
+    assert abs(dropped - 0.25) < 0.03
+    assert torch.equal(m.y_embedder(y, train=False), table[y])
+
+
+def test_bad_inputs():
+    m = tdit.DiT(**CFG)
+    with pytest.raises(ValueError, match="NHWC"):
+        m(torch.zeros(2, 1, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        m(torch.zeros(2, 8, 8, 1), torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="method"):
+        flow.ode_sample(lambda x, t: x, torch.zeros(2, 3), num_steps=2, method="midpoint")
+    with pytest.raises(ValueError, match="dist"):
+        flow.sample_timesteps((3,), dist="cauchy")
+    with pytest.raises(ValueError, match="decay_mask"):
+        topt.make_optimizer(m, learning_rate=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.0,
+                            decay_mask="none")
