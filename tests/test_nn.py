@@ -34,6 +34,12 @@ def _perturb(params, seed=1, scale=0.1):
 
 
 @functools.lru_cache(maxsize=None)
+def _jit_apply(model, **kw):
+    """Jitted ``model.apply`` (eager flax apply is slow op-by-op dispatch)."""
+    return jax.jit(lambda p, x, t, y, **a: model.apply({"params": p}, x, t, y, **kw, **a))
+
+
+@functools.lru_cache(maxsize=None)
 def _small(scan=True, remat="none"):
     model = dit_mod.DiT(**SMALL, scan_blocks=scan, remat_policy=remat)
     params = _perturb(dit_mod.init_dit(model, jax.random.key(0)))
@@ -156,7 +162,7 @@ def test_dit_shapes_and_zero_init(cfg):
     model = dit_mod.DiT(**SMALL, **cfg)
     params = dit_mod.init_dit(model, jax.random.key(0))
     x, t, y = _inputs(size=cfg["input_size"], c=cfg["in_channels"])
-    out = model.apply({"params": params}, x, t, y)
+    out = _jit_apply(model)(params, x, t, y)
     assert out.shape == x.shape and out.dtype == jnp.float32
     # adaLN-Zero + zero final layer: exactly zero output at initialisation
     assert float(jnp.max(jnp.abs(out))) == 0.0
@@ -166,7 +172,7 @@ def test_dit_shapes_and_zero_init(cfg):
     gates = [v for k, v in flat.items() if "adaLN_modulation" in k or k.startswith("final_layer/linear")]
     assert gates and all(float(jnp.max(jnp.abs(g))) == 0.0 for g in gates)
     # perturbed params give a non-trivial, finite output
-    out2 = model.apply({"params": _perturb(params)}, x, t, y)
+    out2 = _jit_apply(model)(_perturb(params), x, t, y)
     assert float(jnp.std(out2)) > 1e-3 and bool(jnp.all(jnp.isfinite(out2)))
 
 
@@ -182,8 +188,8 @@ def test_dit_scan_equals_unrolled():
     assert jax.tree.structure(params_u) == ref_struct
     x, t, y = _inputs()
     np.testing.assert_allclose(
-        np.asarray(model_s.apply({"params": params_s}, x, t, y)),
-        np.asarray(model_u.apply({"params": params_u}, x, t, y)), rtol=1e-5, atol=1e-6,
+        np.asarray(_jit_apply(model_s)(params_s, x, t, y)),
+        np.asarray(_jit_apply(model_u)(params_u, x, t, y)), rtol=1e-5, atol=1e-6,
     )
 
 
@@ -196,9 +202,10 @@ def _grads(model, params):
     return jax.jit(jax.grad(loss))(params)
 
 
-@pytest.mark.parametrize("scan", [True, False])
-@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                                    "save_names:qkv,attn_out,mlp_hidden"])
+@pytest.mark.parametrize("policy,scan", [
+    ("full", True), ("dots_saveable", True), ("dots_with_no_batch_dims_saveable", True),
+    ("save_names:qkv,attn_out,mlp_hidden", True), ("save_names:attn_out", False), ("full", False),
+])
 def test_remat_policies_give_same_gradients(policy, scan):
     model0, params = _small(scan=scan)
     model = dit_mod.DiT(**SMALL, scan_blocks=scan, remat_policy=policy)
@@ -231,18 +238,18 @@ def test_dit_force_drop_and_model_fn():
     model, params = _small()
     x, t, y = _inputs()
     null = jnp.full_like(y, 10)
-    forced = model.apply({"params": params}, x, t, y, force_drop_ids=jnp.ones_like(y))
+    forced = _jit_apply(model)(params, x, t, y, force_drop_ids=jnp.ones_like(y))
     np.testing.assert_allclose(
-        np.asarray(forced), np.asarray(model.apply({"params": params}, x, t, null)), atol=1e-6)
-    fn = dit_mod.make_model_fn(model)
+        np.asarray(forced), np.asarray(_jit_apply(model)(params, x, t, null)), atol=1e-6)
+    fn = jax.jit(dit_mod.make_model_fn(model))
     eval_out = fn(params, x, t, y, None)
-    np.testing.assert_array_equal(np.asarray(eval_out), np.asarray(model.apply({"params": params}, x, t, y)))
+    np.testing.assert_array_equal(np.asarray(eval_out), np.asarray(_jit_apply(model)(params, x, t, y)))
     assert not np.allclose(np.asarray(eval_out), np.asarray(forced))
     # train mode with dropout 0.1: some key drops a label and changes that example only
     big_y = jnp.arange(64, dtype=jnp.int32) % 10
     xb, tb = jnp.tile(x[:1], (64, 1, 1, 1)), jnp.full((64,), 0.3)
     tr = fn(params, xb, tb, big_y, jax.random.key(5))
-    ev = fn(params, xb, tb, big_y, None)
+    ev = _jit_apply(model)(params, xb, tb, big_y)
     changed = np.any(np.abs(np.asarray(tr - ev)) > 1e-6, axis=(1, 2, 3))
     assert 0 < changed.sum() < 20
 
@@ -252,8 +259,8 @@ def test_dit_compute_dtype_bf16():
     params = _perturb(dit_mod.init_dit(model, jax.random.key(0)))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     x, t, y = _inputs()
-    out = model.apply({"params": params}, x, t, y)
-    ref = _small()[0].apply({"params": params}, x, t, y)
+    out = _jit_apply(model)(params, x, t, y)
+    ref = _jit_apply(_small()[0])(params, x, t, y)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=0.1 * float(jnp.std(ref)) + 1e-2)
 

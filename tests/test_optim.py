@@ -202,3 +202,23 @@ def test_make_optimizer_clips_global_norm():
     opt_nc = make_optimizer(learning_rate=0.1, warmup_steps=0, total_steps=10, weight_decay=0.0, clip_norm=None)
     _, state = opt_nc.update(g, opt_nc.init(params), params)
     np.testing.assert_allclose(state[0].mu["a"], 0.1 * np.array([3.0, 0.0, 4.0]), rtol=1e-6)
+
+
+def test_schedule_indexing_matches_torch_lambdalr():
+    # LambdaLR stepped after each optimizer.step(): update t uses base_lr * f(t), t = 0, 1, ...
+    params, grads = _data(np.float64, seed=3)
+    grads = grads[:30]
+    base = 1e-2
+    f = lambda s: 1.0 / (1.0 + 0.3 * s)  # noqa: E731
+    tparams = [torch.tensor(params[k], dtype=torch.float64, requires_grad=True) for k in SHAPES]
+    opt = torch.optim.AdamW(tparams, lr=base, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    for g in grads:
+        for p, k in zip(tparams, SHAPES):
+            p.grad = torch.tensor(g[k], dtype=torch.float64)
+        opt.step()
+        sched.step()
+    with jax.enable_x64(True):
+        ours, _ = _jax_run(adamw(lambda s: base * f(s), weight_decay=0.05), params, grads)
+    for p, k in zip(tparams, SHAPES):
+        np.testing.assert_allclose(ours[-1][k], p.detach().numpy(), rtol=1e-12, atol=1e-13)

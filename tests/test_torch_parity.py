@@ -60,6 +60,12 @@ def _setup(scan: bool, dropout: float = 0.1):
     return model, params
 
 
+@functools.lru_cache(maxsize=None)
+def _apply(scan: bool):
+    model, _ = _setup(scan)
+    return jax.jit(lambda p, x, t, y, drop: model.apply({"params": p}, x, t, y, force_drop_ids=drop))
+
+
 @pytest.fixture(scope="module")
 def inputs():
     rng = np.random.default_rng(0)
@@ -78,7 +84,8 @@ def _rel_err(a, b):
 def test_dit_forward_parity(scan, inputs):
     model, params = _setup(scan)
     x, t, y = inputs
-    out_j = np.asarray(model.apply({"params": params}, x, t, y))
+    no_drop = np.zeros(B, np.int32)
+    out_j = np.asarray(_apply(scan)(params, x, t, y, no_drop))
     tm = _torch_model(params)
     with torch.no_grad():
         out_t = tm(_t(x), _t(t), _t(y)).numpy()
@@ -87,7 +94,7 @@ def test_dit_forward_parity(scan, inputs):
     np.testing.assert_allclose(out_t, out_j, rtol=1e-5, atol=2e-5)
     # forced label drop = null label on both sides
     drop = np.array([1, 0, 1, 0], np.int32)
-    out_j = np.asarray(model.apply({"params": params}, x, t, y, force_drop_ids=drop))
+    out_j = np.asarray(_apply(scan)(params, x, t, y, drop))
     with torch.no_grad():
         out_t = tm(_t(x), _t(t), _t(y), force_drop_ids=_t(drop)).numpy()
     np.testing.assert_allclose(out_t, out_j, rtol=1e-5, atol=2e-5)
@@ -107,7 +114,8 @@ def test_converter_round_trip_exact(scan):
     other = convert.torch_to_flax(sd, scan_blocks=not scan)
     model_other = DiT(**CFG, scan_blocks=not scan)
     x = np.zeros((2, 8, 8, 1), np.float32)
-    model_other.apply({"params": other}, x, np.zeros(2, np.float32), np.zeros(2, np.int32))  # loads
+    jax.eval_shape(lambda p: model_other.apply({"params": p}, x, np.zeros(2, np.float32), np.zeros(2, np.int32)),
+                   other)  # the relayout is what the other layout expects
 
 
 def test_converter_bad_input():
@@ -180,15 +188,16 @@ def test_loss_parity_with_jax_rectified_flow_loss(inputs):
     model, params = _setup(True, dropout=0.0)
     x, _, y = inputs
     key = jax.random.key(5)
-    loss_j, _ = rectified_flow_loss(make_model_fn(model), params, jnp.asarray(x), key, cond=jnp.asarray(y),
-                                    loc=0.2, scale=1.1)
+    loss_j, _ = jax.jit(lambda p, x0, k, c: rectified_flow_loss(make_model_fn(model), p, x0, k, cond=c, loc=0.2,
+                                                                 scale=1.1))(params, x, key, y)
     # the draws of research.generative.losses: key -> (eps, rest); rest -> (t, z, model)
     k_eps, k_rest = jax.random.split(key)
     eps = jax.random.normal(k_eps, x.shape, jnp.float32)
     k_t = jax.random.split(k_rest, 3)[0]
     t = sample_timesteps(k_t, (B,), dist="logit_normal", loc=0.2, scale=1.1)
     tm = _torch_model(params, dropout=0.0)
-    loss_t = flow.rectified_flow_loss(tm, _t(x), _t(y), t=_t(t), eps=_t(eps))
+    with torch.no_grad():
+        loss_t = flow.rectified_flow_loss(tm, _t(x), _t(y), t=_t(t), eps=_t(eps))
     assert float(loss_j) > 0.1
     np.testing.assert_allclose(float(loss_t), float(loss_j), rtol=2e-6)
 
@@ -199,11 +208,11 @@ def test_gradient_parity(scan, inputs):
     x, t, y = inputs
     eps = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
     fn = make_model_fn(model)
-    loss_j, g_j = jax.value_and_grad(_jax_loss_explicit, argnums=1)(fn, params, x, y, t, eps)
+    loss_j, g_j = jax.jit(jax.value_and_grad(functools.partial(_jax_loss_explicit, fn)))(params, x, y, t, eps)
     tm = _torch_model(params)
     loss_t = flow.rectified_flow_loss(tm, _t(x), _t(y), t=_t(t), eps=_t(eps), train=False)
     loss_t.backward()
-    np.testing.assert_allclose(float(loss_t), float(loss_j), rtol=2e-6)
+    np.testing.assert_allclose(loss_t.item(), float(loss_j), rtol=2e-6)
     g_t = convert.torch_to_flax({n: p.grad for n, p in tm.named_parameters()}, scan_blocks=scan)
     errs = jax.tree_util.tree_map(_rel_err, g_t, jax.tree_util.tree_map(np.asarray, g_j))
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(errs)}
@@ -264,16 +273,18 @@ def test_optimizer_trajectory_parity(scan, inputs):
         np.testing.assert_allclose(float(mt["lr"]), float(metrics["lr"]), rtol=1e-6)
         if i == 1:
             assert float(metrics["grad_norm"]) > clip  # clipping is exercised
-        got = convert.torch_to_flax(tm.state_dict(), scan_blocks=scan)
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=2e-6),
-                               got, state.params)
+        got = convert.flax_to_torch(state.params)
+        diffs = {n: float((p.detach() - got[n]).abs().max()) for n, p in tm.named_parameters()}
+        worst = max(diffs, key=diffs.get)
+        # Adam divides by sqrt(v): float32 rounding in tiny gradients shows up as ~1e-5 of lr
+        assert diffs[worst] < 2e-3 * hp["learning_rate"], (i, worst, diffs[worst])
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                                    state.params, params)
     assert min(jax.tree_util.tree_leaves(moved)) > 1e-4  # every leaf actually moved
     names = [n for n, _ in tm.named_parameters()]
     ema_j = convert.flax_to_torch(state.ema_params)
     for n, e in zip(names, ema_t):
-        np.testing.assert_allclose(e.numpy(), ema_j[n].numpy(), rtol=1e-4, atol=2e-6, err_msg=n)
+        np.testing.assert_allclose(e.numpy(), ema_j[n].numpy(), rtol=0, atol=2e-3 * hp["learning_rate"], err_msg=n)
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])

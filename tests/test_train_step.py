@@ -221,3 +221,10 @@ def test_unjitted_step_matches_jitted():
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_create_train_state_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="optax.GradientTransformation"):
+        create_train_state(_params(), "adam", jax.random.key(0))
+    with pytest.raises(TypeError, match="PRNG key"):
+        create_train_state(_params(), adamw(1e-3), 0)

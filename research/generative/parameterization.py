@@ -9,6 +9,9 @@ For x_t = a x_0 + s eps (a = alpha(t), s = sigma(t), a' and s' their time deriva
 Every prediction is an affine function of (E[x_0 | x_t], E[eps | x_t]), so a model trained in one
 parameterisation is sampled by any sampler through these maps (and CFG, an affine combination,
 commutes with them).
+The maps divide by alpha (eps/score/x0 -> x0 at alpha = 0, e.g. t = 1 of rectified flow or
+cosine) or by sigma (x0 -> eps at sigma = 0, t = 0); sample on an interval that avoids them
+(``path.t_start`` / ``path.t_end``) or predict the quantity the sampler needs.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import jax
 
 import pallas_kernels
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "pallas", "cudnn")
 
 
 def attention(q, k, v, *, impl: str = "xla", causal: bool = False, segment_ids=None, sm_scale=None) -> jax.Array:
@@ -28,5 +28,26 @@ def attention(q, k, v, *, impl: str = "xla", causal: bool = False, segment_ids=N
     if impl == "xla":
         return pallas_kernels.reference_attention(
             q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale
+        )
+    if impl == "pallas":
+        # Pallas FlashAttention: compiled on GPU, interpret mode elsewhere (slow: tiny shapes).
+        return pallas_kernels.flash_attention(
+            q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale
+        )
+    if impl == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise RuntimeError(
+                f"impl='cudnn' needs a CUDA GPU backend, but jax.default_backend() is "
+                f"{jax.default_backend()!r}; use impl='xla' or impl='pallas'"
+            )
+        if segment_ids is not None:
+            raise ValueError("impl='cudnn' does not support segment_ids; use 'pallas' or 'xla'")
+        if causal and q.shape[1] != k.shape[1]:
+            raise ValueError(
+                "impl='cudnn' with causal=True needs Tq == Tk (its causal mask is not "
+                "bottom-right aligned); use 'pallas' or 'xla'"
+            )
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=sm_scale, is_causal=causal, implementation="cudnn"
         )
     raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")

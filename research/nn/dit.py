@@ -262,4 +262,4 @@ def init_dit(model: DiT, key, batch_size: int = 1):
     x = jnp.zeros((batch_size, model.input_size, model.input_size, model.in_channels), jnp.float32)
     t = jnp.zeros((batch_size,), jnp.float32)
     y = jnp.zeros((batch_size,), jnp.int32)
-    return model.init({"params": key}, x, t, y, train=False)["params"]
+    return jax.jit(lambda k: model.init({"params": k}, x, t, y, train=False)["params"])(key)

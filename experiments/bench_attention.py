@@ -1,0 +1,261 @@
+"""Attention benchmark: ms and TFLOP/s of forward and forward+backward, plus memory versus T.
+
+Implementations: ``pallas`` (our Pallas kernel), ``triton`` (our Triton forward via jax-triton),
+``xla`` (plain-JAX reference), ``cudnn`` (``jax.nn.dot_product_attention(implementation=
+"cudnn")``) and ``torch_sdpa`` (PyTorch ``scaled_dot_product_attention``, flash backend). An
+implementation that cannot run here is printed as skipped with the reason.
+
+FLOPs (the FlashAttention papers' count): forward ``4 * B * H * Tq * Tk * D``, backward 2.5x
+that, forward+backward 3.5x; halved for causal.
+
+Usage::
+
+    python -m experiments.bench_attention                      # GPU: full sweep
+    python -m experiments.bench_attention --small              # tiny sizes (default on CPU)
+    python -m experiments.bench_attention --json out.jsonl --D 128 --T 4096 8192
+
+Shapes: the papers' convention, ``B * T = tokens`` (default 16384) and ``H * D = 2048``.
+``peak_bytes``: for JAX impls the compiled forward+backward's ``memory_analysis()`` (arguments +
+outputs + temporaries); for torch the increase of ``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("pallas", "triton", "xla", "cudnn", "torch_sdpa")
+
+
+def attention_flops(B, T, H, D, causal, kind):
+    f = 4.0 * B * H * T * T * D
+    f *= {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[kind]
+    return f / 2 if causal else f
+
+
+# ------------------------------------------------------------------------------ jax impls
+def _jax_fn(impl, causal, interpret):
+    from pallas_kernels import flash_attention, reference_attention
+
+    if impl == "pallas":
+        return lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=interpret)
+    if impl == "xla":
+        return lambda q, k, v: reference_attention(q, k, v, causal=causal)
+    if impl == "cudnn":
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                            implementation="cudnn")
+    if impl == "triton":
+        from pallas_kernels.triton_fwd import triton_flash_forward
+        return lambda q, k, v: triton_flash_forward(q, k, v, causal=causal)
+    raise ValueError(impl)
+
+
+def _skip_reason(impl, on_gpu):
+    if impl in ("triton", "cudnn") and not on_gpu:
+        return "needs a CUDA GPU"
+    if impl == "triton":
+        try:
+            import jax_triton  # noqa: F401
+        except Exception as e:  # ImportError or a triton version mismatch
+            return f"jax_triton not importable ({type(e).__name__}: {e})"
+    if impl == "torch_sdpa":
+        try:
+            import torch
+        except ImportError:
+            return "torch not installed"
+        if not torch.cuda.is_available():
+            return "torch has no CUDA device"
+    return None
+
+
+def _time_jax(f, args, reps, inner):
+    """Median ms per call over ``reps`` batches of ``inner`` back-to-back calls."""
+    jax.block_until_ready(f(*args))  # compile + warm-up
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = f(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / inner * 1e3)
+    return float(np.median(ts))
+
+
+def _memory_bytes(compiled):
+    try:
+        m = compiled.memory_analysis()
+        return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+    except Exception:  # backend without memory analysis
+        return None
+
+
+def bench_jax(impl, B, T, H, D, causal, dtype, reps, inner, interpret, fwd_bwd=True):
+    ks = jax.random.split(jax.random.key(T * 7 + D), 4)
+    q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, T, H, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, H, D), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (B, T, H, D), jnp.float32).astype(dtype)
+    attn = _jax_fn(impl, causal, interpret)
+    fwd = jax.jit(attn)
+    rec = {"fwd_ms": _time_jax(fwd, (q, k, v), reps, inner)}
+    peak = _memory_bytes(fwd.lower(q, k, v).compile())
+    if fwd_bwd:
+        def fb(q, k, v, do):
+            o, vjp = jax.vjp(attn, q, k, v)
+            return vjp(do)
+        fbj = jax.jit(fb)
+        rec["fwd_bwd_ms"] = _time_jax(fbj, (q, k, v, do), reps, inner)
+        peak = _memory_bytes(fbj.lower(q, k, v, do).compile())
+    rec["peak_bytes"] = peak
+    return rec
+
+
+# ------------------------------------------------------------------------------ torch impl
+def bench_torch(B, T, H, D, causal, dtype, reps, inner):
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[jnp.dtype(dtype).name]
+    g = torch.Generator(device="cuda").manual_seed(T)
+    mk = lambda: torch.randn(B, H, T, D, device="cuda", dtype=tdt, generator=g)
+    q, k, v, do = mk().requires_grad_(), mk().requires_grad_(), mk().requires_grad_(), mk()
+
+    def fwd():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def fb():
+        o = fwd()
+        return torch.autograd.grad(o, (q, k, v), do)
+
+    def timed(fn):
+        fn(); fn(); torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(inner):
+                fn()
+            b.record(); torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) / inner)
+        return float(np.median(ts))
+
+    rec = {"fwd_ms": timed(lambda: fwd())}
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    rec["fwd_bwd_ms"] = timed(fb)
+    rec["peak_bytes"] = int(torch.cuda.max_memory_allocated() - base) + 4 * q.numel() * q.element_size()
+    return rec
+
+
+# ------------------------------------------------------------------------------ driver
+def run(impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, on_gpu, device,
+        out_records, fixed_B=None, fixed_H=None, section="main"):
+    for D in Ds:
+        H = fixed_H or max(1, hidden // D)
+        for T in Ts:
+            B = fixed_B or max(1, tokens // T)
+            for causal in causals:
+                for impl in impls:
+                    base = dict(impl=impl, dtype=jnp.dtype(dtype).name, B=B, T=T, H=H, D=D,
+                                causal=causal, device=device, section=section)
+                    reason = _skip_reason(impl, on_gpu)
+                    if reason is None:
+                        try:
+                            if impl == "torch_sdpa":
+                                rec = bench_torch(B, T, H, D, causal, dtype, reps, inner)
+                            else:
+                                rec = bench_jax(impl, B, T, H, D, causal, dtype, reps, inner,
+                                                interpret, fwd_bwd=(impl != "triton"))
+                        except Exception as e:  # OOM, unsupported shape, ...: reported
+                            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                            reason = f"failed: {type(e).__name__}: {msg[:160]}"
+                    if reason is not None:
+                        rec = dict(fwd_ms=None, fwd_bwd_ms=None, peak_bytes=None, skipped=reason)
+                    rec = {**base, **rec}
+                    rec.setdefault("fwd_bwd_ms", None)
+                    for kind in ("fwd", "fwd_bwd"):
+                        ms = rec.get(f"{kind}_ms")
+                        rec[f"{kind}_tflops"] = (attention_flops(B, T, H, D, causal, kind)
+                                                 / (ms * 1e-3) / 1e12 if ms else None)
+                    out_records.append(rec)
+                    _print_row(rec)
+                    sys.stdout.flush()
+
+
+def _fmt(x, f="{:.3f}"):
+    return "-" if x is None else f.format(x)
+
+
+HEADER = (f"{'impl':<11}{'D':>4}{'T':>7}{'B':>4}{'H':>4} {'causal':<7}{'fwd ms':>9}"
+          f"{'TFLOP/s':>9}{'f+b ms':>10}{'TFLOP/s':>9}{'peak MiB':>10}  note")
+
+
+def _print_row(r):
+    print(f"{r['impl']:<11}{r['D']:>4}{r['T']:>7}{r['B']:>4}{r['H']:>4} {str(r['causal']):<7}"
+          f"{_fmt(r['fwd_ms']):>9}{_fmt(r['fwd_tflops'], '{:.1f}'):>9}"
+          f"{_fmt(r['fwd_bwd_ms']):>10}{_fmt(r['fwd_bwd_tflops'], '{:.1f}'):>9}"
+          f"{_fmt(r['peak_bytes'] and r['peak_bytes'] / 2**20, '{:.1f}'):>10}"
+          f"  {r.get('skipped', '')}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--D", nargs="+", type=int, default=None)
+    p.add_argument("--T", nargs="+", type=int, default=None)
+    p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--tokens", type=int, default=16384, help="B * T per measurement")
+    p.add_argument("--hidden", type=int, default=2048, help="H * D per measurement")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--inner", type=int, default=None)
+    p.add_argument("--small", action="store_true", default=None,
+                   help="tiny sizes in interpret mode (default when there is no GPU)")
+    p.add_argument("--memory-sweep", action="store_true",
+                   help="also sweep T at B=1 to show peak memory O(T) vs O(T^2)")
+    p.add_argument("--json", default=None, help="write one JSON record per line here")
+    a = p.parse_args(argv)
+
+    on_gpu = jax.default_backend() == "gpu"
+    small = (not on_gpu) if a.small is None else a.small
+    device = jax.devices()[0].device_kind
+    dtype = jnp.dtype(a.dtype)
+    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[a.causal]
+    if small:
+        Ds, Ts = a.D or [16], a.T or [32, 64]
+        tokens, hidden = a.tokens if a.tokens != 16384 else 64, a.hidden if a.hidden != 2048 else 32
+        reps, inner, interpret = a.reps or 2, a.inner or 1, not on_gpu
+    else:
+        Ds, Ts = a.D or [64, 128], a.T or [512, 1024, 2048, 4096, 8192, 16384]
+        tokens, hidden = a.tokens, a.hidden
+        reps, inner, interpret = a.reps or 5, a.inner or 5, False
+    print(f"device: {device}  backend: {jax.default_backend()}  jax {jax.__version__}  "
+          f"dtype {dtype.name}  interpret={interpret}")
+    print(HEADER)
+    records = []
+    run(a.impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, on_gpu, device,
+        records)
+    if a.memory_sweep:
+        print("\nmemory sweep (B=1, fwd+bwd peak bytes):")
+        print(HEADER)
+        mem_impls = [i for i in a.impls if i in ("pallas", "xla", "cudnn")]
+        run(mem_impls, [Ds[-1]], Ts, (False,), dtype, 0, hidden, 1, 1, interpret, on_gpu,
+            device, records, fixed_B=1, section="memory")
+    if a.json:
+        with open(a.json, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return records
+
+
+if __name__ == "__main__":
+    main()
