@@ -156,6 +156,47 @@ def bench_torch(B, T, H, D, causal, dtype, reps, inner):
     return rec
 
 
+# ------------------------------------------------------------------------------ tuning
+FWD_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)]
+BWD_CANDIDATES = [((64, 64, 8, 2), (64, 64, 8, 2)), ((64, 128, 8, 2), (128, 64, 8, 2)),
+                  ((32, 128, 4, 3), (128, 32, 4, 3)), ((64, 64, 4, 3), (64, 64, 4, 3))]
+
+
+def tune(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records):
+    """Times the Pallas kernel for each candidate launch config (GPU); installs the best
+    (by the sum over causal/non-causal) into the kernel table for the rest of the run."""
+    from pallas_kernels import flash_attention as fa_mod  # noqa: F401
+    import importlib
+    fa = importlib.import_module("pallas_kernels.flash_attention")
+    for D in Ds:
+        H, B = max(1, hidden // D), max(1, tokens // T)
+        orig = fa._GPU_TABLE[D]
+        scores = {}
+        for part, cands in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
+            for cand in cands:
+                fa._GPU_TABLE[D] = ((cand,) + orig[1:]) if part == "fwd" else (orig[0],) + cand
+                tot = 0.0
+                for causal in (False, True):
+                    try:
+                        r = bench_jax("pallas", B, T, H, D, causal, dtype, reps, inner, False,
+                                      fwd_bwd=(part == "bwd"))
+                        ms = r["fwd_ms"] if part == "fwd" else r["fwd_bwd_ms"] - r["fwd_ms"]
+                    except Exception as e:
+                        ms = float("inf")
+                        print(f"  {part} {cand} failed: {type(e).__name__}: {str(e)[:120]}")
+                    tot += ms
+                    out_records.append(dict(impl="pallas", section="tune", part=part, config=cand,
+                                            D=D, T=T, B=B, H=H, causal=causal, ms=ms,
+                                            device=device, dtype=jnp.dtype(dtype).name))
+                    print(f"tune D={D} T={T} causal={causal!s:<5} {part} {cand}: {ms:.3f} ms")
+                scores[(part, cand)] = tot
+            fa._GPU_TABLE[D] = orig
+        best_f = min(FWD_CANDIDATES, key=lambda c: scores[("fwd", c)])
+        best_b = min(BWD_CANDIDATES, key=lambda c: scores[("bwd", c)])
+        fa._GPU_TABLE[D] = (best_f,) + best_b
+        print(f"tune D={D}: best fwd {best_f}, best bwd (dkdv, dq) {best_b}")
+
+
 # ------------------------------------------------------------------------------ driver
 def run(impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, on_gpu, device,
         out_records, fixed_B=None, fixed_H=None, section="main"):
@@ -191,6 +232,23 @@ def run(impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, o
                     sys.stdout.flush()
 
 
+class _Records(list):
+    """A list that also appends each record as one JSON line to ``path`` (if given), so a run
+    cut short keeps what it measured."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        if path:
+            open(path, "w").close()
+
+    def append(self, rec):
+        super().append(rec)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
 def _fmt(x, f="{:.3f}"):
     return "-" if x is None else f.format(x)
 
@@ -222,6 +280,10 @@ def main(argv=None):
                    help="tiny sizes in interpret mode (default when there is no GPU)")
     p.add_argument("--memory-sweep", action="store_true",
                    help="also sweep T at B=1 to show peak memory O(T) vs O(T^2)")
+    p.add_argument("--tune", action="store_true",
+                   help="GPU: time candidate block sizes/warps/stages at T=--tune-T first and "
+                        "use the best for the rest of the run")
+    p.add_argument("--tune-T", type=int, default=4096)
     p.add_argument("--json", default=None, help="write one JSON record per line here")
     a = p.parse_args(argv)
 
@@ -240,8 +302,10 @@ def main(argv=None):
         reps, inner, interpret = a.reps or 5, a.inner or 5, False
     print(f"device: {device}  backend: {jax.default_backend()}  jax {jax.__version__}  "
           f"dtype {dtype.name}  interpret={interpret}")
+    records = _Records(a.json)
+    if a.tune and on_gpu:
+        tune(Ds, a.tune_T, tokens, hidden, dtype, reps, inner, device, records)
     print(HEADER)
-    records = []
     run(a.impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, on_gpu, device,
         records)
     if a.memory_sweep:
@@ -250,11 +314,7 @@ def main(argv=None):
         mem_impls = [i for i in a.impls if i in ("pallas", "xla", "cudnn")]
         run(mem_impls, [Ds[-1]], Ts, (False,), dtype, 0, hidden, 1, 1, interpret, on_gpu,
             device, records, fixed_B=1, section="memory")
-    if a.json:
-        with open(a.json, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-    return records
+    return list(records)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (AttnStatic, dot_nn, dot_nt, dot_tn, kv_block_range,
+from pallas_kernels._common import (AttnStatic, dot_nn, dot_nt, kv_block_range,
                                     q_block_range, score_mask)
 
 
@@ -42,22 +42,23 @@ def _dkdv_kernel(*refs, st: AttnStatic):
     i_start, i_full = q_block_range(st, k_block)
 
     def step(i, carry, g, masked):
+        # Transposed formulation: every product is [bk, *] so no register tile is transposed.
         dk, dv = carry
         start = pl.multiple_of(i * bq, bq)
         q = q_ref[pl.ds(start, bq), g, :]            # [bq, D]
         do = do_ref[pl.ds(start, bq), g, :]
         lse = lse_ref[g, pl.ds(start, bq)]           # [bq]
         delta = delta_ref[g, pl.ds(start, bq)]
-        s = dot_nt(q, k, st.precision) * st.scale2   # [bq, bk]
+        sT = dot_nt(k, q, st.precision) * st.scale2  # [bk, bq]
         if masked:
             rows = start + jnp.arange(bq, dtype=jnp.int32)
             q_seg = qseg_ref[pl.ds(start, bq)] if st.has_segments else None
-            s = jnp.where(score_mask(st, rows, cols, q_seg, kv_seg), s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])               # [bq, bk] float32
-        dv = dv + dot_tn(p.astype(do.dtype), do, st.precision)
-        dp = dot_nt(do, v, st.precision)             # [bq, bk]
-        ds = p * (dp - delta[:, None])
-        dk = dk + dot_tn(ds.astype(q.dtype), q, st.precision)
+            sT = jnp.where(score_mask(st, rows, cols, q_seg, kv_seg, transposed=True), sT, -jnp.inf)
+        pT = jnp.exp2(sT - lse[None, :])             # [bk, bq] float32
+        dv = dv + dot_nn(pT.astype(do.dtype), do, st.precision)
+        dpT = dot_nt(v, do, st.precision)            # [bk, bq]
+        dsT = pT * (dpT - delta[None, :])
+        dk = dk + dot_nn(dsT.astype(q.dtype), q, st.precision)
         return dk, dv
 
     def group_step(g, carry):

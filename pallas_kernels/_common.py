@@ -126,11 +126,17 @@ def q_block_range(st: AttnStatic, k_block):
     return i_start.astype(jnp.int32), i_full.astype(jnp.int32)
 
 
-def score_mask(st: AttnStatic, rows, cols, q_seg=None, kv_seg=None):
-    """Boolean ``[len(rows), len(cols)]`` visibility for absolute row/col indices."""
-    mask = (cols < st.Tk)[None, :]
+def score_mask(st: AttnStatic, rows, cols, q_seg=None, kv_seg=None, transposed=False):
+    """Boolean visibility for absolute row/col indices: ``[len(rows), len(cols)]``, or
+    ``[len(cols), len(rows)]`` when ``transposed`` (built directly, no transpose op)."""
+    if transposed:
+        r, c = rows[None, :], cols[:, None]
+    else:
+        r, c = rows[:, None], cols[None, :]
+    mask = c < st.Tk
     if st.causal:
-        mask = mask & (cols[None, :] <= rows[:, None] + st.offset)
+        mask = mask & (c <= r + st.offset)
     if st.has_segments:
-        mask = mask & (q_seg[:, None] == kv_seg[None, :])
+        qs, ks = (q_seg[None, :], kv_seg[:, None]) if transposed else (q_seg[:, None], kv_seg[None, :])
+        mask = mask & (qs == ks)
     return mask

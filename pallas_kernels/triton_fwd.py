@@ -60,7 +60,7 @@ def _kernel():
         return acc, m_new, l_i
 
     @triton.jit
-    def _fwd(Q, K, V, O, scale2,
+    def _fwd(Q, K, V, scale2, O,  # jax_triton appends the outputs after the inputs
              TQ: tl.constexpr, TK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
              D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr):

@@ -59,3 +59,11 @@ class GaussianOracle:
         v = self.var(t)
         d = x.shape[1]
         return -0.5 * d * np.log(2 * np.pi * v) - 0.5 * np.sum((x - self.mean(t)) ** 2, axis=1) / v
+
+    def logp_jax(self, x, t):
+        """log N(x; a mu, v I) per example, jax float32 (usable as a prior_logp inside jit)."""
+        tt = jnp.asarray([t], jnp.float32)
+        a, s = self.path.alpha(tt)[0], self.path.sigma(tt)[0]
+        v = a ** 2 * self.s0 ** 2 + s ** 2
+        d = x.shape[1]
+        return -0.5 * d * jnp.log(2 * jnp.pi * v) - 0.5 * jnp.sum((x - a * self.mu) ** 2, axis=1) / v

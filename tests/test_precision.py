@@ -115,6 +115,7 @@ def test_train_step_keeps_float32_master_weights():
     assert not np.array_equal(new.params["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
 
 
+@pytest.mark.slow
 def test_bf16_and_fp32_flagship_loss_curves_agree():
     from research.data.digits import load_digits
     from research.data.iterators import batch_iterator
@@ -145,5 +146,5 @@ def test_bf16_and_fp32_flagship_loss_curves_agree():
     assert np.all(np.isfinite(b))
     assert a[-10:].mean() < 0.85 * a[:3].mean()  # it learns
     rel = np.abs(a - b) / a
-    assert rel.max() < 0.05, rel  # per-step losses within 5% (same data, noise and timesteps)
+    assert rel.max() < 0.02, rel  # per-step losses within 2% (same data, noise and timesteps)
     assert abs(a[-10:].mean() - b[-10:].mean()) / a[-10:].mean() < 0.02

@@ -32,9 +32,25 @@ def sample_timesteps(shape, *, generator: torch.Generator | None = None, device=
     return torch.sigmoid(loc + scale * torch.special.ndtri(u))
 
 
+def draw_training_noise(x0: torch.Tensor, *, generator: torch.Generator | None, class_dropout_prob: float,
+                        timestep_dist: str = "logit_normal", loc: float = 0.0, scale: float = 1.0):
+    """The randomness of one rectified-flow step, drawn outside the (compilable) loss:
+    ``eps`` like x0, ``t`` [B], and ``drop_ids`` [B] int (1 = replace the label by the null label,
+    probability ``class_dropout_prob``). Pass them to :func:`rectified_flow_loss` with
+    ``train=False, force_drop_ids=drop_ids``."""
+    if not 0.0 <= class_dropout_prob <= 1.0:
+        raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob}")
+    b = x0.shape[0]
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+    t = sample_timesteps((b,), generator=generator, device=x0.device, dist=timestep_dist, loc=loc, scale=scale)
+    drop = (torch.rand((b,), generator=generator, device=x0.device) < class_dropout_prob).to(torch.int32)
+    return t, eps, drop
+
+
 def rectified_flow_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor | None = None,
                         eps: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                        train: bool = True, timestep_dist: str = "logit_normal", loc: float = 0.0,
+                        train: bool = True, force_drop_ids: torch.Tensor | None = None,
+                        timestep_dist: str = "logit_normal", loc: float = 0.0,
                         scale: float = 1.0) -> torch.Tensor:
     """Rectified-flow loss, float32 scalar: mean over non-batch dims of ``(v(x_t, t) - (eps - x0))^2``,
     then over the batch.
@@ -44,7 +60,8 @@ def rectified_flow_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, *, t
       x0: [B, ...] data; y: [B] labels.
       t, eps: explicit timesteps [B] and noise (shape of x0); drawn from ``generator`` when None
         (eps first, then t).
-      train: passed to the model (label dropout).
+      train: passed to the model (label dropout drawn from ``generator`` inside the model).
+      force_drop_ids: [B] (1 = null label), passed to the model.
     """
     if x0.ndim < 2:
         raise ValueError(f"x0 must have a batch axis and a data axis, got shape {tuple(x0.shape)}")
@@ -60,7 +77,8 @@ def rectified_flow_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, *, t
         raise ValueError(f"t must have shape [{x0.shape[0]}], got {tuple(t.shape)}")
     tb = t.float().reshape((-1,) + (1,) * (x0.ndim - 1))
     x_t = (1.0 - tb) * x0 + tb * eps
-    pred = model(x_t, t, y, train=train, generator=generator).float()
+    kw = {"force_drop_ids": force_drop_ids} if force_drop_ids is not None else {}
+    pred = model(x_t, t, y, train=train, generator=generator, **kw).float()
     err = torch.square(pred - (eps - x0)).reshape(x0.shape[0], -1).mean(dim=1)
     return err.mean()
 

@@ -1,0 +1,437 @@
+"""Side-by-side speed of one DiT rectified-flow train step: JAX (jitted) vs PyTorch eager vs torch.compile.
+
+The same model (``research.nn.dit.DiT`` / ``torch_baselines.dit.DiT``), batch, loss (rectified flow,
+logit-normal t, label dropout 0.1), optimiser (global-norm clip 1.0 -> AdamW with warmup-cosine and
+the decay mask) and EMA on every side:
+
+* ``jax``: ``research.train.step.make_train_step`` (the whole step jitted once, state donated),
+  AOT-compiled; bf16 compute (``DiT(dtype=bfloat16)``, float32 params) on GPU.
+* ``torch_eager``: ``torch_baselines`` model + ``torch.optim.AdamW`` (foreach on CPU, fused on CUDA);
+  ``torch.autocast(bfloat16)`` on GPU.
+* ``torch_compile``: the same with the loss (model forward + loss) under ``torch.compile``.
+
+Each implementation is warmed up (compilation included), then the implementations are timed
+interleaved (jax, eager, compile, jax, eager, ...) for ``--repeats`` rounds; steps/s is the median.
+Peak memory: JAX from XLA's buffer assignment of the compiled step (arguments + outputs - donated
+aliases + temporaries); torch as the bytes its tensors hold between steps (params, grads, AdamW
+state, EMA, batch) plus the largest transient growth during one step (CUDA allocator peak on GPU,
+the profiler's allocation events on CPU). Runtime allocator peaks are added where available.
+
+Usage:
+  python experiments/bench_train_step.py                       # CPU, small configs
+  python3 experiments/bench_train_step.py --gpu --json $OUT/train_step.json   # GPU, bf16, MFU
+  python experiments/bench_train_step.py --configs cpu-small --impls jax,torch_eager --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # `python experiments/bench_train_step.py` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+IMPLS = ("jax", "torch_eager", "torch_compile")
+H100_BF16_DENSE_FLOPS = 989e12
+
+# name -> (DiT kwargs, batch size). cpu-small is the flagship digits config (8x8x1, 16 tokens).
+PRESETS: dict[str, tuple[dict, int]] = {
+    "tiny": (dict(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2), 8),
+    "cpu-small": (dict(input_size=8, in_channels=1, patch_size=2, hidden_size=128, depth=4, num_heads=4), 64),
+    "cpu-medium": (dict(input_size=16, in_channels=4, patch_size=2, hidden_size=256, depth=6, num_heads=4), 32),
+    # DiT-B/2 on a 32x32x4 latent (256 tokens) and DiT-L/2
+    "gpu-base": (dict(input_size=32, in_channels=4, patch_size=2, hidden_size=768, depth=12, num_heads=12), 128),
+    "gpu-large": (dict(input_size=32, in_channels=4, patch_size=2, hidden_size=1024, depth=24, num_heads=16), 64),
+}
+DEFAULT_CPU = ("cpu-small", "cpu-medium")
+DEFAULT_GPU = ("cpu-small", "gpu-base")
+
+HPARAMS = dict(learning_rate=1e-4, warmup_steps=10, total_steps=100_000, weight_decay=0.01, clip_norm=1.0)
+EMA_DECAY = 0.999
+CLASS_DROPOUT = 0.1
+NUM_CLASSES = 10
+
+
+def count_flops(model_kw: dict, batch: int, *, mlp_ratio: float = 4.0, freq_dim: int = 256) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of the DiT: forward, and a train step (3x forward).
+
+    Counted: patch embedding, timestep MLP, per block adaLN, qkv, q k^T, p v, out projection, MLP,
+    final adaLN and output projection. Elementwise work (norms, softmax, GELU, AdamW) is not
+    counted (the usual MFU convention).
+    """
+    s, c, p = model_kw["input_size"], model_kw["in_channels"], model_kw["patch_size"]
+    d, depth = model_kw["hidden_size"], model_kw["depth"]
+    n = (s // p) ** 2
+    pp = p * p * c
+    m = int(d * mlp_ratio)
+    per_block = 2 * batch * (d * 6 * d + n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * m)
+    fwd = 2 * batch * (n * pp * d + freq_dim * d + d * d + d * 2 * d + n * d * pp) + depth * per_block
+    return {"forward": float(fwd), "train_step": float(3 * fwd)}
+
+
+# ----------------------------------------------------------------------------------------------
+# implementations: each returns a Runner(run(n) -> None (blocking), peak_bytes(), info)
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Runner:
+    impl: str
+    run: Callable[[int], None]          # run n steps and wait for them to finish
+    peak_bytes: Callable[[], dict]      # {"peak_bytes": int, ...extra}
+    info: dict
+
+
+def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: int) -> Runner:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from research.generative.losses import rectified_flow_loss
+    from research.nn.dit import DiT, init_dit, make_model_fn
+    from research.train.optim import make_optimizer
+    from research.train.state import create_train_state
+    from research.train.step import make_train_step
+
+    dtype = jnp.bfloat16 if gpu else jnp.float32
+    model = DiT(**model_kw, num_classes=NUM_CLASSES, class_dropout_prob=CLASS_DROPOUT, attn_impl=attn_impl,
+                dtype=dtype)
+    k_init, k_state = jax.random.split(jax.random.key(seed))
+    params = jax.jit(lambda k: init_dit(model, k))(k_init)
+    model_fn = make_model_fn(model)
+
+    def loss_fn(p, b, key):
+        return rectified_flow_loss(model_fn, p, b["x"], key, cond=b["y"])
+
+    opt = make_optimizer(**HPARAMS)
+    state = create_train_state(params, opt, k_state, ema=True)
+    rng = np.random.default_rng(seed)
+    s, c = model_kw["input_size"], model_kw["in_channels"]
+    b = {"x": jax.device_put(rng.standard_normal((batch, s, s, c)).astype(np.float32)),
+         "y": jax.device_put(rng.integers(0, NUM_CLASSES, batch).astype(np.int32))}
+    step = make_train_step(loss_fn, opt, ema_decay=EMA_DECAY, donate=True)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, b).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    static_peak = None
+    if mem is not None:
+        static_peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                          + mem.temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
+    holder = {"state": state}
+
+    def run(n):
+        st = holder["state"]
+        for _ in range(n):
+            st, _metrics = compiled(st, b)
+        jax.block_until_ready(st)
+        holder["state"] = st
+
+    def peak():
+        out = {"peak_bytes": static_peak, "peak_method": "xla_buffer_assignment"}
+        stats = jax.devices()[0].memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            out["peak_bytes_runtime"] = int(stats["peak_bytes_in_use"])
+        return out
+
+    info = {"compile_s": compile_s, "xla_flops_per_step": xla_flops, "dtype": "bfloat16" if gpu else "float32",
+            "attn_impl": attn_impl, "jax_backend": jax.default_backend()}
+    return Runner("jax", run, peak, info)
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def build_torch(model_kw: dict, batch: int, *, gpu: bool, compile: bool, seed: int) -> Runner:
+    import numpy as np
+    import torch
+
+    from experiments.torch_baselines import flow
+    from experiments.torch_baselines.dit import DiT
+    from experiments.torch_baselines.optim import make_optimizer, train_step
+
+    device = torch.device("cuda" if gpu else "cpu")
+    torch.manual_seed(seed)
+    model = DiT(**model_kw, num_classes=NUM_CLASSES, class_dropout_prob=CLASS_DROPOUT).to(device)
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params]
+    hp = {k: v for k, v in HPARAMS.items() if k != "clip_norm"}
+    opt, sched = make_optimizer(model, **hp, fused=True if gpu else None)
+    rng = np.random.default_rng(seed)
+    s, c = model_kw["input_size"], model_kw["in_channels"]
+    x = torch.from_numpy(rng.standard_normal((batch, s, s, c)).astype(np.float32)).to(device)
+    y = torch.from_numpy(rng.integers(0, NUM_CLASSES, batch).astype(np.int64)).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def loss_from_noise(x0, yy, t, eps, drop):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            return flow.rectified_flow_loss(model, x0, yy, t=t, eps=eps, train=False, force_drop_ids=drop)
+
+    loss_impl = torch.compile(loss_from_noise) if compile else loss_from_noise
+
+    def loss_fn():
+        t, eps, drop = flow.draw_training_noise(x, generator=gen, class_dropout_prob=CLASS_DROPOUT)
+        return loss_impl(x, y, t, eps, drop)
+
+    def one():
+        return train_step(loss_fn, params, opt, sched, clip_norm=HPARAMS["clip_norm"], ema_params=ema,
+                          ema_decay=EMA_DECAY)
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    compile_s = None
+    if compile:  # the first call compiles; errors propagate to the caller (reported in the table)
+        t0 = time.perf_counter()
+        one()
+        sync()
+        compile_s = time.perf_counter() - t0
+
+    def run(n):
+        for _ in range(n):
+            one()
+        sync()
+
+    def resident():
+        state_tensors = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        return _tensor_bytes(params + [p.grad for p in params] + ema + state_tensors + [x, y]
+                             + list(model.buffers()))
+
+    def peak():
+        res = resident()
+        if gpu:
+            sync()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            one()
+            sync()
+            transient = torch.cuda.max_memory_allocated() - base
+            method = "resident_tensors+cuda_allocator_peak"
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                one()
+            events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]")
+            cur = transient = 0
+            for _, nb in events:
+                cur += nb
+                transient = max(transient, cur)
+            method = "resident_tensors+profiler_alloc_peak"
+        return {"peak_bytes": int(res + transient), "peak_method": method, "resident_bytes": int(res)}
+
+    info = {"compile_s": compile_s, "dtype": "bfloat16-autocast" if gpu else "float32",
+            "torch_threads": torch.get_num_threads(), "attn_impl": "sdpa",
+            "optimizer": "AdamW(fused)" if gpu else "AdamW(foreach)"}
+    return Runner("torch_compile" if compile else "torch_eager", run, peak, info)
+
+
+# ----------------------------------------------------------------------------------------------
+def _device_name(gpu: bool) -> str:
+    if gpu:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def _peak_flops(device: str, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if "H100" in device or "H200" in device:
+        return H100_BF16_DENSE_FLOPS
+    return None
+
+
+def bench_config(name: str, impls, *, gpu: bool, repeats: int, target_s: float, attn_impl: str, seed: int,
+                 device: str, peak_flops: float | None, log=print) -> list[dict]:
+    model_kw, batch = PRESETS[name]
+    flops = count_flops(model_kw, batch)
+    runners: dict[str, Runner] = {}
+    errors: dict[str, str] = {}
+    for impl in impls:
+        t0 = time.perf_counter()
+        try:
+            if impl == "jax":
+                r = build_jax(model_kw, batch, gpu=gpu, attn_impl=attn_impl, seed=seed)
+            else:
+                r = build_torch(model_kw, batch, gpu=gpu, compile=impl == "torch_compile", seed=seed)
+            r.run(2)  # warm-up
+            runners[impl] = r
+            log(f"  [{name}] {impl}: built + warmed up in {time.perf_counter() - t0:.1f}s")
+        except Exception as e:  # reported in the table and the JSON, never silently dropped
+            errors[impl] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            log(f"  [{name}] {impl}: FAILED: {errors[impl]}")
+    # steps per repeat from one timed step each, so a repeat lasts about target_s
+    n_steps = {}
+    for impl, r in runners.items():
+        t0 = time.perf_counter()
+        r.run(1)
+        dt = time.perf_counter() - t0
+        n_steps[impl] = max(2, min(1000, int(math.ceil(target_s / max(dt, 1e-6)))))
+    times: dict[str, list[float]] = {impl: [] for impl in runners}
+    for _ in range(repeats):  # interleaved
+        for impl, r in runners.items():
+            t0 = time.perf_counter()
+            r.run(n_steps[impl])
+            times[impl].append(n_steps[impl] / (time.perf_counter() - t0))
+    records = []
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    cfg = {"name": name, "model": model_kw, "batch_size": batch, "precision": "bf16" if gpu else "fp32"}
+    for impl in impls:
+        rec = {"impl": impl, "device": device, "config": cfg, "steps_per_s": None, "peak_bytes": None,
+               "date": date, "model_flops_per_step": flops["train_step"]}
+        if impl in runners:
+            r = runners[impl]
+            sps = statistics.median(times[impl])
+            rec.update(steps_per_s=sps, ms_per_step=1000.0 / sps, steps_per_s_repeats=times[impl],
+                       steps_per_repeat=n_steps[impl], **r.info)
+            rec.update(r.peak_bytes())
+            rec["achieved_tflops"] = flops["train_step"] * sps / 1e12
+            rec["mfu"] = flops["train_step"] * sps / peak_flops if peak_flops else None
+        else:
+            rec["error"] = errors[impl]
+        records.append(rec)
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    def mib(b):
+        return f"{b / 2**20:.1f}" if b else "-"
+
+    lines = ["| config | impl | steps/s | ms/step | peak MiB | TFLOP/s | MFU | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("error"):
+            lines.append(f"| {r['config']['name']} | {r['impl']} | - | - | - | - | - | error: {r['error']} |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        note = f"compile {r['compile_s']:.1f}s" if r.get("compile_s") else ""
+        lines.append(f"| {r['config']['name']} | {r['impl']} | {r['steps_per_s']:.2f} | {r['ms_per_step']:.1f} | "
+                     f"{mib(r['peak_bytes'])} | {r['achieved_tflops']:.3g} | {mfu} | {note} |")
+    lines += ["", "| config | jax / torch_eager (target >= 1.5) | jax / torch_compile (target >= 1.1) |",
+              "|---|---|---|"]
+    by_cfg: dict[str, dict[str, Any]] = {}
+    for r in records:
+        by_cfg.setdefault(r["config"]["name"], {})[r["impl"]] = r.get("steps_per_s")
+    for name, d in by_cfg.items():
+        def ratio(other, target):
+            if not d.get("jax") or not d.get(other):
+                return "-"
+            q = d["jax"] / d[other]
+            return f"{q:.2f}x {'ok' if q >= target else 'BELOW'}"
+        lines.append(f"| {name} | {ratio('torch_eager', 1.5)} | {ratio('torch_compile', 1.1)} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", action="store_true", help="run on CUDA (bf16); automatic when torch sees a GPU")
+    p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    p.add_argument("--configs", default=None, help=f"comma-separated presets from {sorted(PRESETS)}")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; steps/s is the median")
+    p.add_argument("--target-seconds", type=float, default=None, help="length of one timed repeat per impl")
+    p.add_argument("--attn-impl", default=None, help="JAX attention impl (default xla; cudnn on GPU if available)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (H100/H200: 989)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the records (one per impl and config) to this file")
+    args = p.parse_args(argv)
+    impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
+    bad = [i for i in impls if i not in IMPLS]
+    if bad or not impls:
+        p.error(f"unknown impls {bad}; choose from {IMPLS}")
+    if args.configs is not None:
+        cfgs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+        bad = [c for c in cfgs if c not in PRESETS]
+        if bad or not cfgs:
+            p.error(f"unknown configs {bad}; choose from {sorted(PRESETS)}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    args.impls = impls
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    import torch
+
+    if args.gpu and args.cpu:
+        raise SystemExit("--gpu and --cpu are exclusive")
+    gpu = (args.gpu or torch.cuda.is_available()) and not args.cpu
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu given but torch sees no CUDA device")
+    if gpu:  # JAX and torch share the GPU: no 75 % preallocation by JAX
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    else:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    if gpu and jax.default_backend() != "gpu":
+        raise SystemExit(f"--gpu: torch sees CUDA but JAX's backend is {jax.default_backend()!r} "
+                         "(install jax[cuda13], see requirements-gpu.txt)")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    attn_impl = args.attn_impl
+    if attn_impl is None:
+        from research.nn.attention import IMPLS as ATTN_IMPLS
+
+        attn_impl = "cudnn" if gpu and "cudnn" in ATTN_IMPLS else "xla"
+    configs = tuple(args.configs.split(",")) if args.configs else (DEFAULT_GPU if gpu else DEFAULT_CPU)
+    target_s = args.target_seconds or (1.0 if gpu else 3.0)
+    device = _device_name(gpu)
+    peak_flops = _peak_flops(device, args.peak_tflops) if gpu else None
+    print(f"device: {device}; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+          f"(threads {torch.get_num_threads()}); XLA CPU threads = cores available "
+          f"({len(os.sched_getaffinity(0))}); attention: jax {attn_impl}, torch sdpa")
+    records = []
+    for name in configs:
+        print(f"config {name}: {PRESETS[name][0]} batch {PRESETS[name][1]}", flush=True)
+        records += bench_config(name, args.impls, gpu=gpu, repeats=args.repeats, target_s=target_s,
+                                attn_impl=attn_impl, seed=args.seed, device=device, peak_flops=peak_flops,
+                                log=lambda m: print(m, flush=True))
+    print()
+    print(format_table(records))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

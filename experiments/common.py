@@ -1,0 +1,87 @@
+"""Small helpers shared by experiment scripts: run directories, text logs, image grids, JSON."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+
+def resolve_run_dir(run_dir: str, name: str) -> str:
+    """``run_dir`` if given, else ``runs/<name>``; created; returned as an absolute path."""
+    path = os.path.abspath(run_dir or os.path.join("runs", name))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def setup_text_log(run_dir: str, name: str = "experiment", filename: str = "train.log") -> logging.Logger:
+    """A logger writing to stdout and (appending) to ``<run_dir>/<filename>``."""
+    logger = logging.getLogger(f"{name}:{run_dir}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(run_dir, filename))):
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    return logger
+
+
+def close_text_log(logger: logging.Logger) -> None:
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+
+
+def save_image_grid(path: str, images: np.ndarray, labels: np.ndarray, *, columns: int,
+                    vmin: float = 0.0, vmax: float = 16.0, title: str | None = None) -> None:
+    """Saves a grid PNG with one row per distinct label (ascending) and up to ``columns`` images each.
+
+    images: [N, H, W] (grey); labels: [N] ints.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise ValueError(f"need images [N, H, W] and labels [N], got {images.shape} and {labels.shape}")
+    classes = np.unique(labels)
+    fig, axes = plt.subplots(len(classes), columns, figsize=(columns * 0.6, len(classes) * 0.6 + 0.4),
+                             squeeze=False)
+    for r, c in enumerate(classes):
+        row = images[labels == c][:columns]
+        for j in range(columns):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if j < len(row):
+                ax.imshow(row[j], cmap="gray_r", vmin=vmin, vmax=vmax, interpolation="nearest")
+        axes[r, 0].set_ylabel(str(c), rotation=0, labelpad=10, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_json(path: str, obj) -> None:
+    """Writes ``obj`` as indented JSON (numpy scalars converted)."""
+
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=default)
+        f.write("\n")
