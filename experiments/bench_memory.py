@@ -4,7 +4,8 @@ For every (depth, width, policy) the full train step (rectified-flow loss, AdamW
 compiled ahead of time; ``compile().memory_analysis().temp_size_in_bytes`` is the peak scratch
 memory XLA plans for the step (activations kept for the backward pass plus temporaries; params,
 optimiser state and the batch are arguments, not temps). Step time is the median wall time of
-``--steps`` executed steps after one warm-up.
+the executed steps after one warm-up, timed round-robin over the policies (``--rounds`` rounds of
+``--steps`` steps) so that changes in machine load hit every policy alike.
 
 Usage (CPU defaults finish in a few minutes)::
 
@@ -61,32 +62,42 @@ def build_step(*, depth: int, width: int, policy: str, batch_size: int, input_si
     return step, state, batch
 
 
-def measure(*, depth: int, width: int, policy: str, batch_size: int = 16, input_size: int = 16,
-            patch_size: int = 2, num_heads: int = 4, steps: int = 5, scan_blocks: bool = True,
-            precision=None, dtype=jnp.float32) -> dict:
-    """One row: compiled temp bytes and median step time (ms)."""
-    step, state, batch = build_step(depth=depth, width=width, policy=policy,
-                                    batch_size=batch_size, input_size=input_size,
-                                    patch_size=patch_size, num_heads=num_heads,
-                                    scan_blocks=scan_blocks, precision=precision, dtype=dtype)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    temp = int(mem.temp_size_in_bytes) if mem is not None else -1
-    state, m = compiled(state, batch)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
+def measure(*, depth: int, width: int, policies=DEFAULT_POLICIES, batch_size: int = 16,
+            input_size: int = 16, patch_size: int = 2, num_heads: int = 4, steps: int = 5,
+            rounds: int = 3, scan_blocks: bool = True, precision=None,
+            dtype=jnp.float32) -> list[dict]:
+    """Rows for one (depth, width): compiled temp bytes and median step time (ms) per policy.
+
+    All policies are compiled first, then timed round-robin (``rounds`` rounds of ``steps``
+    steps each), so a change in machine load affects every policy alike.
+    """
+    runs = {}
+    for policy in policies:
+        step, state, batch = build_step(depth=depth, width=width, policy=policy,
+                                        batch_size=batch_size, input_size=input_size,
+                                        patch_size=patch_size, num_heads=num_heads,
+                                        scan_blocks=scan_blocks, precision=precision, dtype=dtype)
         t0 = time.perf_counter()
-        state, m = compiled(state, batch)
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        temp = int(mem.temp_size_in_bytes) if mem is not None else -1
+        state, m = compiled(state, batch)  # warm-up
         jax.block_until_ready(m)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"policy": policy, "depth": depth, "width": width, "temp_bytes": temp,
-            "step_ms": statistics.median(times), "compile_s": round(compile_s, 2),
-            "batch_size": batch_size, "tokens": (input_size // patch_size) ** 2,
-            "scan_blocks": scan_blocks, "backend": jax.default_backend(),
-            "loss": float(m["loss"])}
+        runs[policy] = dict(compiled=compiled, state=state, batch=batch, temp=temp,
+                            compile_s=compile_s, times=[], loss=float(m["loss"]))
+    for _ in range(rounds):
+        for policy, r in runs.items():
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                r["state"], m = r["compiled"](r["state"], r["batch"])
+                jax.block_until_ready(m)
+                r["times"].append((time.perf_counter() - t0) * 1e3)
+    return [{"policy": policy, "depth": depth, "width": width, "temp_bytes": r["temp"],
+             "step_ms": statistics.median(r["times"]), "compile_s": round(r["compile_s"], 2),
+             "batch_size": batch_size, "tokens": (input_size // patch_size) ** 2,
+             "scan_blocks": scan_blocks, "backend": jax.default_backend(), "loss": r["loss"]}
+            for policy, r in runs.items()]
 
 
 def _fmt_bytes(n):
@@ -104,7 +115,8 @@ def main(argv=None):
     ap.add_argument("--input-size", type=int, default=16)
     ap.add_argument("--patch-size", type=int, default=2)
     ap.add_argument("--num-heads", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per policy and round")
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin timing rounds (median)")
     ap.add_argument("--no-scan", action="store_true", help="unrolled blocks instead of nn.scan")
     ap.add_argument("--precision", default=None, help="precision policy, e.g. bf16")
     ap.add_argument("--json", default=None, help="write one JSON record per row to this file")
@@ -133,19 +145,17 @@ def main(argv=None):
     print(f"{'depth':>5} {'width':>5} {'policy':<34} {'temp':>12} {'vs none':>8} {'step_ms':>9} {'vs none':>8}")
     for depth in depths:
         for width in widths:
-            base = None
-            for policy in policies:
-                r = measure(depth=depth, width=width, policy=policy, batch_size=args.batch_size,
+            group = measure(depth=depth, width=width, policies=policies, batch_size=args.batch_size,
                             input_size=args.input_size, patch_size=args.patch_size,
-                            num_heads=args.num_heads, steps=args.steps,
+                            num_heads=args.num_heads, steps=args.steps, rounds=args.rounds,
                             scan_blocks=not args.no_scan, precision=args.precision, dtype=dtype)
+            base = next((r for r in group if r["policy"] == "none"), None)
+            for r in group:
                 r["precision"] = args.precision or "fp32"
                 rows.append(r)
-                if policy == "none":
-                    base = r
                 mem_ratio = f"{base['temp_bytes'] / r['temp_bytes']:7.2f}x" if base else "      -"
                 time_ratio = f"{r['step_ms'] / base['step_ms']:7.2f}x" if base else "      -"
-                print(f"{depth:>5} {width:>5} {policy:<34} {_fmt_bytes(r['temp_bytes'])} "
+                print(f"{depth:>5} {width:>5} {r['policy']:<34} {_fmt_bytes(r['temp_bytes'])} "
                       f"{mem_ratio} {r['step_ms']:9.1f} {time_ratio}", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -43,7 +43,8 @@ if __package__ in (None, ""):  # `python experiments/bench_train_step.py` from t
 IMPLS = ("jax", "torch_eager", "torch_compile")
 H100_BF16_DENSE_FLOPS = 989e12
 
-# name -> (DiT kwargs, batch size). cpu-small is the flagship digits config (8x8x1, 16 tokens).
+# name -> (DiT kwargs, batch size). cpu-small has the digits' shape (8x8x1, 16 tokens) at hidden 128,
+# batch 64 (the flagship config itself uses hidden 64, batch 128).
 PRESETS: dict[str, tuple[dict, int]] = {
     "tiny": (dict(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2), 8),
     "cpu-small": (dict(input_size=8, in_channels=1, patch_size=2, hidden_size=128, depth=4, num_heads=4), 64),
@@ -89,7 +90,7 @@ class Runner:
     info: dict
 
 
-def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: int) -> Runner:
+def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: int, scan_blocks: bool = True) -> Runner:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -102,7 +103,7 @@ def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: in
 
     dtype = jnp.bfloat16 if gpu else jnp.float32
     model = DiT(**model_kw, num_classes=NUM_CLASSES, class_dropout_prob=CLASS_DROPOUT, attn_impl=attn_impl,
-                dtype=dtype)
+                dtype=dtype, scan_blocks=scan_blocks)
     k_init, k_state = jax.random.split(jax.random.key(seed))
     params = jax.jit(lambda k: init_dit(model, k))(k_init)
     model_fn = make_model_fn(model)
@@ -125,10 +126,6 @@ def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: in
     if mem is not None:
         static_peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                           + mem.temp_size_in_bytes)
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
     holder = {"state": state}
 
     def run(n):
@@ -145,8 +142,9 @@ def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: in
             out["peak_bytes_runtime"] = int(stats["peak_bytes_in_use"])
         return out
 
-    info = {"compile_s": compile_s, "xla_flops_per_step": xla_flops, "dtype": "bfloat16" if gpu else "float32",
-            "attn_impl": attn_impl, "jax_backend": jax.default_backend()}
+    # (XLA's cost_analysis is not used for FLOPs: it counts a scanned block's body once, not depth times)
+    info = {"compile_s": compile_s, "dtype": "bfloat16" if gpu else "float32",
+            "attn_impl": attn_impl, "scan_blocks": scan_blocks, "jax_backend": jax.default_backend()}
     return Runner("jax", run, peak, info)
 
 
@@ -267,6 +265,16 @@ def _device_name(gpu: bool) -> str:
     return f"CPU {cpu} ({len(os.sched_getaffinity(0))} cores)"
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _xla_threads() -> int:
+    return 1 if "xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", "") else len(os.sched_getaffinity(0))
+
+
 def _peak_flops(device: str, override_tflops: float | None) -> float | None:
     if override_tflops:
         return override_tflops * 1e12
@@ -276,7 +284,7 @@ def _peak_flops(device: str, override_tflops: float | None) -> float | None:
 
 
 def bench_config(name: str, impls, *, gpu: bool, repeats: int, target_s: float, attn_impl: str, seed: int,
-                 device: str, peak_flops: float | None, log=print) -> list[dict]:
+                 device: str, peak_flops: float | None, scan_blocks: bool = True, log=print) -> list[dict]:
     model_kw, batch = PRESETS[name]
     flops = count_flops(model_kw, batch)
     runners: dict[str, Runner] = {}
@@ -285,7 +293,7 @@ def bench_config(name: str, impls, *, gpu: bool, repeats: int, target_s: float, 
         t0 = time.perf_counter()
         try:
             if impl == "jax":
-                r = build_jax(model_kw, batch, gpu=gpu, attn_impl=attn_impl, seed=seed)
+                r = build_jax(model_kw, batch, gpu=gpu, attn_impl=attn_impl, seed=seed, scan_blocks=scan_blocks)
             else:
                 r = build_torch(model_kw, batch, gpu=gpu, compile=impl == "torch_compile", seed=seed)
             r.run(2)  # warm-up
@@ -309,7 +317,9 @@ def bench_config(name: str, impls, *, gpu: bool, repeats: int, target_s: float, 
             times[impl].append(n_steps[impl] / (time.perf_counter() - t0))
     records = []
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    cfg = {"name": name, "model": model_kw, "batch_size": batch, "precision": "bf16" if gpu else "fp32"}
+    cfg = {"name": name, "model": model_kw, "batch_size": batch, "precision": "bf16" if gpu else "fp32",
+           "torch_threads": _torch_threads(), "xla_cpu_threads": None if gpu else _xla_threads(),
+           "load_average": os.getloadavg()[0]}
     for impl in impls:
         rec = {"impl": impl, "device": device, "config": cfg, "steps_per_s": None, "peak_bytes": None,
                "date": date, "model_flops_per_step": flops["train_step"]}
@@ -367,6 +377,10 @@ def parse_args(argv=None):
     p.add_argument("--attn-impl", default=None, help="JAX attention impl (default xla; cudnn on GPU if available)")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (H100/H200: 989)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--jax-scan-blocks", type=int, choices=(0, 1), default=1,
+                   help="JAX DiT scan_blocks (1, the flagship default: nn.scan over blocks; 0: unrolled)")
+    p.add_argument("--xla-single-thread", action="store_true",
+                   help="CPU: run XLA single-threaded (sets XLA_FLAGS before JAX is imported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the records (one per impl and config) to this file")
     args = p.parse_args(argv)
@@ -398,6 +412,11 @@ def main(argv=None) -> list[dict]:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.xla_single_thread:
+        if "jax" in sys.modules:
+            raise SystemExit("--xla-single-thread must be set before JAX is imported (run the script directly)")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
     import jax
 
     if gpu and jax.default_backend() != "gpu":
@@ -414,15 +433,16 @@ def main(argv=None) -> list[dict]:
     target_s = args.target_seconds or (1.0 if gpu else 3.0)
     device = _device_name(gpu)
     peak_flops = _peak_flops(device, args.peak_tflops) if gpu else None
+    xla_threads = 1 if args.xla_single_thread else len(os.sched_getaffinity(0))
     print(f"device: {device}; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"(threads {torch.get_num_threads()}); XLA CPU threads = cores available "
-          f"({len(os.sched_getaffinity(0))}); attention: jax {attn_impl}, torch sdpa")
+          f"(threads {torch.get_num_threads()}); XLA CPU threads {xla_threads}; attention: jax {attn_impl}, "
+          f"torch sdpa; load average {os.getloadavg()[0]:.1f}")
     records = []
     for name in configs:
         print(f"config {name}: {PRESETS[name][0]} batch {PRESETS[name][1]}", flush=True)
         records += bench_config(name, args.impls, gpu=gpu, repeats=args.repeats, target_s=target_s,
                                 attn_impl=attn_impl, seed=args.seed, device=device, peak_flops=peak_flops,
-                                log=lambda m: print(m, flush=True))
+                                scan_blocks=bool(args.jax_scan_blocks), log=lambda m: print(m, flush=True))
     print()
     print(format_table(records))
     if args.json:

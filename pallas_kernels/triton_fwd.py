@@ -15,14 +15,15 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.reference import check_attention_args
 
 __all__ = ["triton_flash_forward"]
 
 # head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages); see docs/benchmarks/attention_notes.md
-_TABLE = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
-          128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+_TABLE = {16: (128, 64, 8, 4), 32: (128, 64, 8, 4), 64: (128, 64, 8, 4),
+          128: (128, 128, 8, 3), 256: (64, 32, 4, 2)}  # same as the Pallas forward's table
 
 
 @functools.cache
@@ -64,6 +65,7 @@ def _kernel():
              TQ: tl.constexpr, TK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
              D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr):
+        scale2 = scale2.to(tl.float32)
         NUM_M: tl.constexpr = (TQ + BLOCK_M - 1) // BLOCK_M
         GROUP: tl.constexpr = HQ // HKV
         OFF: tl.constexpr = TK - TQ
@@ -123,7 +125,7 @@ def triton_flash_forward(q, k, v, *, causal=False, sm_scale=None, block_m=None, 
     bm, bn = block_m or bm, block_n or bn
     grid = (-(-Tq // bm), Hq, B)
     return jt.triton_call(
-        q, k, v, float(sm_scale * math.log2(math.e)),
+        q, k, v, np.float32(sm_scale * math.log2(math.e)),  # fp32 scalar, not fp64
         kernel=_kernel(),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=grid,

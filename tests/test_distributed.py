@@ -86,6 +86,18 @@ for mode in modes:
             losses.append(float(m["loss"]))
             wd.kick()
     params = multihost_utils.process_allgather(state.params, tiled=True) if mode != "single" else state.params
+    if mode == "fsdp":  # every process calls save/restore; orbax writes each shard once
+        from research.train.checkpoint import Checkpointer
+        ck = Checkpointer(sys.argv[3], save_every=1, async_save=False)
+        ck.save(int(state.step), state, force=True)
+        ck.wait()
+        restored = ck.restore_latest(init_sharded(init, jax.random.key(9), mesh=mesh, mode=mode)[0])
+        ck.close()
+        assert int(restored.step) == 4
+        assert restored.params["Dense_0"]["kernel"].sharding.spec == state.params["Dense_0"]["kernel"].sharding.spec
+        for a, b in zip(jax.tree.leaves(multihost_utils.process_allgather(restored.params, tiled=True)),
+                        jax.tree.leaves(params)):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
     results[mode] = {"losses": losses,
                      "params": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(params)]}
 if is_primary():
@@ -111,7 +123,8 @@ def _launch(worker, mode, out_dir, pid=None, n=None, port=None):
         env.update(RESEARCH_COORDINATOR=f"localhost:{port}", RESEARCH_NUM_PROCESSES=str(n),
                    RESEARCH_PROCESS_ID=str(pid))
     os.makedirs(out_dir, exist_ok=True)
-    return subprocess.Popen([sys.executable, str(worker), mode, str(out_dir)], env=env, cwd=REPO,
+    ckpt = os.path.join(os.path.dirname(str(out_dir)), "ckpt")  # shared by the processes of a run
+    return subprocess.Popen([sys.executable, str(worker), mode, str(out_dir), ckpt], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -144,6 +157,7 @@ def test_two_processes_agree_with_one(worker, tmp_path):
     for rc, out, err in outs:
         assert rc == 0, out[-2000:] + err[-4000:]
     assert not (tmp_path / "p1" / "result.json").exists()  # only process 0 writes
+    assert (tmp_path / "ckpt").is_dir()  # the FSDP state was checkpointed and restored by both
     multi = json.loads((tmp_path / "p0" / "result.json").read_text())
     single = json.loads((tmp_path / "single" / "result.json").read_text())
     assert multi["process_count"] == 2 and single["process_count"] == 1

@@ -89,17 +89,15 @@ CASES = [
     pytest.param(1, 33, 33, 2, 2, 16, True, None, "float32", 16, id="f32-odd-causal"),
     pytest.param(1, 17, 40, 4, 2, 16, True, None, "float32", 16, id="f32-TqltTk-causal-gqa2"),
     pytest.param(1, 40, 17, 4, 1, 16, True, None, "float32", 16, id="f32-TqgtTk-causal-mqa"),
-    pytest.param(1, 24, 37, 8, 2, 16, False, None, "float32", 16, id="f32-cross-gqa4"),
+    pytest.param(1, 24, 37, 8, 2, 32, False, None, "float32", 32, id="f32-cross-gqa4-block32"),
     pytest.param(2, 33, 33, 2, 1, 16, True, "self", "float32", 16, id="f32-segments-causal"),
     pytest.param(1, 20, 35, 2, 2, 16, False, "pair", "float32", 16, id="f32-segments-cross"),
-    pytest.param(1, 32, 32, 2, 2, 32, True, None, "float32", 32, id="f32-blocks32"),
     pytest.param(1, 19, 19, 2, 1, 64, True, None, "float32", 16, id="f32-D64"),
     pytest.param(1, 18, 21, 2, 2, 128, False, None, "float32", 16, id="f32-D128"),
     pytest.param(1, 16, 24, 2, 1, 256, True, None, "float32", 16, id="f32-D256"),
     pytest.param(1, 33, 33, 4, 2, 32, True, None, "bfloat16", 16, id="bf16-causal-gqa2"),
     pytest.param(1, 29, 29, 2, 2, 64, False, "self", "bfloat16", 16, id="bf16-segments"),
     pytest.param(1, 33, 40, 4, 1, 32, True, None, "float16", 16, id="f16-causal-mqa"),
-    pytest.param(1, 25, 25, 2, 2, 128, False, None, "float16", 16, id="f16-D128"),
 ]
 
 
@@ -182,14 +180,14 @@ def test_sm_scale_and_default_blocks():
 def test_vmap_and_jit_compose():
     """vmap over an extra leading axis == per-slice calls; jit(grad) of the whole thing works."""
     ks = jax.random.split(jax.random.key(9), 3)
-    q = jax.random.normal(ks[0], (3, 1, 17, 2, 16))
-    k = jax.random.normal(ks[1], (3, 1, 17, 1, 16))
-    v = jax.random.normal(ks[2], (3, 1, 17, 1, 16))
+    q = jax.random.normal(ks[0], (2, 1, 17, 2, 16))
+    k = jax.random.normal(ks[1], (2, 1, 17, 1, 16))
+    v = jax.random.normal(ks[2], (2, 1, 17, 1, 16))
     f = lambda q, k, v: flash_attention(q, k, v, causal=True, block_q=16, block_k=16)
     loss = lambda q, k, v: jnp.sum(jax.vmap(f)(q, k, v) ** 2)
     val, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
     ref_loss = lambda q, k, v: sum(jnp.sum(reference_attention(q[i], k[i], v[i], causal=True) ** 2)
-                                   for i in range(3))
+                                   for i in range(2))
     rval, rgrads = jax.value_and_grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
     np.testing.assert_allclose(val, rval, rtol=1e-5)
     for g, r in zip(grads, rgrads):

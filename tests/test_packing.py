@@ -239,3 +239,14 @@ def test_packed_loss_is_token_weighted_mean(params):
     t_np, m_np = next_token_targets(pb.tokens, pb.segment_ids)
     np.testing.assert_array_equal(t_np, np.asarray(targets))
     np.testing.assert_array_equal(m_np, np.asarray(mask))
+
+
+@pytest.mark.entry
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_train_packed_lm_smoke(mode):
+    from experiments import train_packed_lm
+
+    out = train_packed_lm.main(["--mode", mode, "--steps", "2", "--width", "16", "--depth", "1",
+                                "--rows-per-step", "2", "--row-length", "64"])
+    assert np.isfinite(out["final_loss"])
+    assert (out["efficiency"] > 0.9) if mode == "packed" else (out["efficiency"] < 0.9)

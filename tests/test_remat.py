@@ -12,6 +12,8 @@ from research.nn.dit import DiT, init_dit, make_model_fn
 from research.train.state import create_train_state
 from research.train.step import make_train_step
 
+pytestmark = pytest.mark.slow  # five DiT train-step compiles (~15-25 s each on a busy CPU)
+
 POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
             "save_names:attn_out,mlp_hidden")
 CFG = dict(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=3, num_heads=2)
@@ -67,3 +69,20 @@ def test_memory_ordering_under_scan(results):
     assert none > dots > full, (none, dots, full)
     assert results["dots_with_no_batch_dims_saveable"]["temp"] < none
     assert results["save_names:attn_out,mlp_hidden"]["temp"] < none
+
+
+@pytest.mark.entry
+def test_bench_memory_script_smoke(tmp_path):
+    import json
+
+    from experiments import bench_memory
+
+    path = tmp_path / "rows.jsonl"
+    bench_memory.main(["--depths", "1", "--widths", "16", "--policies", "none;full",
+                       "--batch-size", "2", "--input-size", "4", "--num-heads", "2",
+                       "--steps", "1", "--rounds", "1", "--json", str(path)])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["policy"] for r in rows] == ["none", "full"]
+    for r in rows:
+        assert {"policy", "depth", "width", "temp_bytes", "step_ms"} <= set(r)
+        assert r["temp_bytes"] > 0 and r["step_ms"] > 0 and r["depth"] == 1 and r["width"] == 16

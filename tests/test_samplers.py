@@ -306,3 +306,20 @@ def test_cfg_composes_with_any_sampler(z):
     den = P.as_edm_denoiser(lambda x, t: g_model(None, x, t, cond, None), path, src="eps")
     out_edm = jax.jit(lambda x: edm_sample(den, x, num_steps=32, sigma_max=100.0))(z)
     _moments_ok(out_edm, target, S0 ** 2, tol_var=0.1)
+
+
+# ----------------------------------------------------------------------------- method registry
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_method_karras_grid_for_sdes(name):
+    from research.generative.methods import make_method
+
+    m = make_method(name)
+    t0, t1 = m.ode_interval
+    ts = np.asarray(m.time_grid(10, "karras"))
+    assert ts.shape == (11,) and ts[0] == pytest.approx(t0) and ts[-1] == pytest.approx(t1, rel=1e-4)
+    assert np.all(np.diff(ts) < 0)
+    # the EDM sigma of the grid follows Karras' rho = 7 spacing
+    sig = np.asarray(m.sde.path.edm_sigma(jnp.asarray(ts[:-1])), np.float64) ** (1 / 7)
+    np.testing.assert_allclose(np.diff(sig), np.diff(sig)[0], rtol=2e-2)
+    with pytest.raises(ValueError, match="unknown grid"):
+        m.time_grid(4, "cosine")

@@ -72,7 +72,12 @@ def run(cfg, *, device: str | None = None, log=print) -> dict:
 
     images, labels = load_digits("train", seed=cfg.data.split_seed, test_fraction=cfg.data.test_fraction)
     tc = cfg.train
-    batches = batch_iterator({"x": images, "y": labels}, tc.batch_size, seed=cfg.seed)
+    # the same batch order as experiments/train_digits_rf.py: its data key is the third of
+    # split(key(seed), 4) (init, train, data, sample)
+    import jax
+
+    k_data = jax.random.split(jax.random.key(cfg.seed), 4)[2]
+    batches = batch_iterator({"x": images, "y": labels}, tc.batch_size, key=k_data)
     model = build_model(cfg.model).to(dev)
     params = list(model.parameters())
     opt, sched = make_optimizer(model, learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,

@@ -12,7 +12,6 @@ lambda * c_out^2 = 1 (unit effective weight on F's regression target).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 

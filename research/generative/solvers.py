@@ -90,9 +90,8 @@ def ode_sample_adaptive(velocity_fn: Callable, x_init: jax.Array, *, t_start: fl
                         max_steps: int = 4096):
     """Adaptive-step integration with diffrax (Tsit5 or Dopri5 with a PID step-size controller).
 
-    Returns (x(t_end), nfe) where nfe is the number of velocity evaluations per example
-    (diffrax's ``num_steps`` accepted+rejected times the stages: 6 for Tsit5/Dopri5 with FSAL... we
-    report the exact count of calls made, counted by diffrax as ``stats["num_steps"]`` * stages).
+    Returns (x(t_end), nfe): nfe = velocity evaluations per example, 1 + 6 per attempted
+    (accepted or rejected) step for these FSAL 7-stage methods (tests count the calls).
     """
     import diffrax
 
@@ -114,7 +113,6 @@ def ode_sample_adaptive(velocity_fn: Callable, x_init: jax.Array, *, t_start: fl
 
 
 def adaptive_nfe(stats) -> jax.Array:
-    """Velocity evaluations of a diffrax Tsit5/Dopri5 solve: 1 initial + 6 per attempted step
-    (7 stages, first-same-as-last reuses one) -- plus the initial step-size estimate is skipped
-    because we pass dt0."""
+    """Velocity evaluations of a diffrax Tsit5/Dopri5 solve with a given dt0: 1 initial + 6 per
+    attempted step (7 stages, first-same-as-last reuses one)."""
     return 1 + 6 * stats["num_steps"]

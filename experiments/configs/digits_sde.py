@@ -1,0 +1,92 @@
+"""Score-SDE (VP, epsilon prediction, DSM) or EDM on scikit-learn's 8x8 digits with the flagship DiT.
+
+Commands:
+    python -m experiments.train_digits_sde --config experiments/configs/digits_sde.py                 # VP-SDE
+    python -m experiments.train_digits_sde --config experiments/configs/digits_sde.py --set method=edm
+    # other methods of research.generative.methods work too: subvp, ve, rf, icfm, otcfm
+
+Same DiT, optimiser and EMA as experiments/configs/digits_rf.py (the flagship); class-conditional
+with label dropout, sampled with CFG. Reports the flagship's metrics (classifier accuracy of the
+conditional samples, Fréchet distance in PCA-16 space) plus bits/dim of the held-out test digits
+under the unconditional (null-label) model: PF-ODE likelihood with the Hutchinson estimator on
+uniformly dequantised data (17 intensity levels, bins of width 1/8 in model space, so a uniform
+model scores log2(17) = 4.09 bits/dim; see research/generative/likelihood.py).
+Expected runtime: ~10 min each on 2 CPU cores (training ~7-8 min). Measured numbers in
+docs/readme_parts/generative.md.
+"""
+import ml_collections
+
+from research.train.config import check, check_choice, check_positive
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = ""  # empty: digits_<method>
+    c.method = "vp"
+    c.run_dir = ""  # empty: runs/<name>
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.split_seed = 0
+    c.data.test_fraction = 0.2
+
+    c.model = ml_collections.ConfigDict()
+    c.model.patch_size = 2
+    c.model.hidden_size = 96
+    c.model.depth = 4
+    c.model.num_heads = 4
+    c.model.mlp_ratio = 4.0
+    c.model.class_dropout_prob = 0.1
+    c.model.qk_norm = True
+    c.model.attn_impl = "xla"
+    c.model.remat_policy = "none"
+    c.model.scan_blocks = True
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 3000
+    c.train.batch_size = 128
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 200
+    c.train.weight_decay = 0.01
+    c.train.clip_norm = 1.0
+    c.train.ema_half_life_images = 20000.0
+    c.train.log_every = 100
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 2
+    c.train.progress = True
+
+    c.sde = ml_collections.ConfigDict()
+    c.sde.beta_min = 0.1
+    c.sde.beta_max = 20.0
+    c.sde.ve_sigma_max = 20.0  # ~ the largest distance between two digits in [-1, 1]^64 space
+    c.sde.likelihood_weighting = False
+    c.sde.sigma_data = 0.5  # EDM
+    c.sde.P_mean = -1.2
+    c.sde.P_std = 1.2
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.per_class = 64
+    c.sample.num_steps = 18  # Heun: NFE 2N (EDM: 2N - 1)
+    c.sample.method = "heun"
+    c.sample.guidance = 2.0
+    c.sample.grid_columns = 16
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.pca_components = 16
+    c.eval.bpd_images = 256  # test digits for bits/dim (0: skip)
+    c.eval.bpd_divergence = "rademacher"
+    c.eval.bpd_rtol = 1e-5
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    check_choice(c, "method", ["vp", "subvp", "ve", "edm", "rf", "icfm", "otcfm"])
+    check_positive(c, "model.patch_size", "model.hidden_size", "model.depth", "model.num_heads",
+                   "train.num_steps", "train.batch_size", "train.learning_rate", "sample.per_class",
+                   "sample.num_steps", "eval.pca_components")
+    check_positive(c, "train.warmup_steps", "train.ema_half_life_images", "sample.guidance", "eval.bpd_images",
+                   allow_zero=True)
+    check_choice(c, "sample.method", ["euler", "heun", "rk4"])
+    check_choice(c, "eval.bpd_divergence", ["exact", "rademacher", "gaussian"])
+    check(c.train.warmup_steps < c.train.num_steps, "train.warmup_steps must be < train.num_steps")
+    check(8 % c.model.patch_size == 0, f"model.patch_size must divide 8, got {c.model.patch_size}")
