@@ -1,6 +1,9 @@
 """Attention benchmark: ms and TFLOP/s of forward and forward+backward, plus memory versus T.
 
-Implementations: ``pallas`` (our Pallas kernel), ``triton`` (our Triton forward via jax-triton),
+Implementations: ``pallas`` (our Pallas kernels, Triton lowering: ``backend="triton"``), ``mosaic``
+(our Hopper forward in Pallas Mosaic GPU, ``backend="mosaic"``, with the Triton-lowered backward;
+compute capability 9.x only: elsewhere it is skipped, since Mosaic GPU interpret mode on CPU is a
+correctness simulator and far too slow to time), ``triton`` (our Triton forward via jax-triton),
 ``xla`` (plain-JAX reference), ``cudnn`` (``jax.nn.dot_product_attention(implementation=
 "cudnn")``) and ``torch_sdpa`` (PyTorch ``scaled_dot_product_attention``, flash backend). An
 implementation that cannot run here is printed as skipped with the reason.
@@ -30,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("pallas", "triton", "xla", "cudnn", "torch_sdpa")
+IMPLS = ("pallas", "mosaic", "triton", "xla", "cudnn", "torch_sdpa")
 
 
 def attention_flops(B, T, H, D, causal, kind):
@@ -44,7 +47,11 @@ def _jax_fn(impl, causal, interpret):
     from pallas_kernels import flash_attention, reference_attention
 
     if impl == "pallas":
-        return lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=interpret)
+        return lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=interpret,
+                                               backend="triton")
+    if impl == "mosaic":
+        return lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False,
+                                               backend="mosaic")
     if impl == "xla":
         return lambda q, k, v: reference_attention(q, k, v, causal=causal)
     if impl == "cudnn":
@@ -56,9 +63,23 @@ def _jax_fn(impl, causal, interpret):
     raise ValueError(impl)
 
 
-def _skip_reason(impl, on_gpu):
+def _is_hopper():
+    if jax.default_backend() != "gpu":
+        return False
+    return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
+
+
+def _skip_reason(impl, on_gpu, D=None, dtype=None):
     if impl in ("triton", "cudnn") and not on_gpu:
         return "needs a CUDA GPU"
+    if impl == "mosaic":
+        if not _is_hopper():
+            return ("needs a Hopper GPU (compute capability 9.x); Mosaic GPU interpret mode is "
+                    "too slow to time (tests/test_mosaic_attention.py covers it on CPU)")
+        from pallas_kernels.mosaic_fwd import mosaic_unsupported_reason
+        why = mosaic_unsupported_reason(dtype, D, False) if D is not None else None
+        if why is not None:
+            return f"mosaic kernel does not support {why}"
     if impl == "triton":
         try:
             import jax_triton  # noqa: F401
@@ -197,6 +218,41 @@ def tune(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records):
         print(f"tune D={D}: best fwd {best_f}, best bwd (dkdv, dq) {best_b}")
 
 
+MOSAIC_CANDIDATES = {64: [(64, 2), (64, 3), (128, 2), (128, 3)],
+                     128: [(64, 2), (64, 3), (128, 2)]}   # (block_k, K/V SMEM slots)
+
+
+def tune_mosaic(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records):
+    """Hopper: times the Mosaic GPU forward for each (block_k, slots) candidate and installs the
+    best (sum over causal/non-causal) into its table for the rest of the run."""
+    import importlib
+    fa = importlib.import_module("pallas_kernels.flash_attention")
+    for D in Ds:
+        if D not in fa._MOSAIC_TABLE:
+            continue
+        H, B = max(1, hidden // D), max(1, tokens // T)
+        orig, scores = fa._MOSAIC_TABLE[D], {}
+        for cand in MOSAIC_CANDIDATES[D]:
+            fa._MOSAIC_TABLE[D] = cand
+            tot = 0.0
+            for causal in (False, True):
+                try:
+                    ms = bench_jax("mosaic", B, T, H, D, causal, dtype, reps, inner, False,
+                                   fwd_bwd=False)["fwd_ms"]
+                except Exception as e:
+                    ms = float("inf")
+                    print(f"  mosaic {cand} failed: {type(e).__name__}: {str(e)[:120]}")
+                tot += ms
+                out_records.append(dict(impl="mosaic", section="tune", part="fwd", config=cand,
+                                        D=D, T=T, B=B, H=H, causal=causal, ms=ms,
+                                        device=device, dtype=jnp.dtype(dtype).name))
+                print(f"tune mosaic D={D} T={T} causal={causal!s:<5} {cand}: {ms:.3f} ms")
+            scores[cand] = tot
+        best = min(scores, key=scores.get)
+        fa._MOSAIC_TABLE[D] = best if scores[best] < float("inf") else orig
+        print(f"tune mosaic D={D}: best (block_k, slots) {fa._MOSAIC_TABLE[D]}")
+
+
 # ------------------------------------------------------------------------------ driver
 def run(impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, on_gpu, device,
         out_records, fixed_B=None, fixed_H=None, section="main"):
@@ -208,7 +264,7 @@ def run(impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, o
                 for impl in impls:
                     base = dict(impl=impl, dtype=jnp.dtype(dtype).name, B=B, T=T, H=H, D=D,
                                 causal=causal, device=device, section=section)
-                    reason = _skip_reason(impl, on_gpu)
+                    reason = _skip_reason(impl, on_gpu, D, dtype)
                     if reason is None:
                         try:
                             if impl == "torch_sdpa":
@@ -281,8 +337,9 @@ def main(argv=None):
     p.add_argument("--memory-sweep", action="store_true",
                    help="also sweep T at B=1 to show peak memory O(T) vs O(T^2)")
     p.add_argument("--tune", action="store_true",
-                   help="GPU: time candidate block sizes/warps/stages at T=--tune-T first and "
-                        "use the best for the rest of the run")
+                   help="GPU: time candidate block sizes/warps/stages (pallas) and block_k/SMEM "
+                        "slots (mosaic, Hopper) at T=--tune-T first and use the best for the "
+                        "rest of the run")
     p.add_argument("--tune-T", type=int, default=4096)
     p.add_argument("--json", default=None, help="write one JSON record per line here")
     a = p.parse_args(argv)
@@ -304,14 +361,17 @@ def main(argv=None):
           f"dtype {dtype.name}  interpret={interpret}")
     records = _Records(a.json)
     if a.tune and on_gpu:
-        tune(Ds, a.tune_T, tokens, hidden, dtype, reps, inner, device, records)
+        if "pallas" in a.impls:
+            tune(Ds, a.tune_T, tokens, hidden, dtype, reps, inner, device, records)
+        if "mosaic" in a.impls and _is_hopper():
+            tune_mosaic(Ds, a.tune_T, tokens, hidden, dtype, reps, inner, device, records)
     print(HEADER)
     run(a.impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, on_gpu, device,
         records)
     if a.memory_sweep:
         print("\nmemory sweep (B=1, fwd+bwd peak bytes):")
         print(HEADER)
-        mem_impls = [i for i in a.impls if i in ("pallas", "xla", "cudnn")]
+        mem_impls = [i for i in a.impls if i in ("pallas", "mosaic", "xla", "cudnn")]
         run(mem_impls, [Ds[-1]], Ts, (False,), dtype, 0, hidden, 1, 1, interpret, on_gpu,
             device, records, fixed_B=1, section="memory")
     return list(records)

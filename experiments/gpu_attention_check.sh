@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the GPU machine: GPU attention tests (compiled Pallas kernel, jax-triton
-# forward, cuDNN dispatch), then the attention benchmark. Writes logs + JSONL to $OUT.
+# forward, cuDNN dispatch, the Mosaic GPU Hopper forward), then the attention benchmark
+# (pallas = Triton-lowered kernels, mosaic = Mosaic GPU forward, cudnn). Writes logs + JSONL to $OUT.
 # Needs the jax-triton wheel in .whl/ (carry it):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 -d .whl jax-triton==0.3.1
@@ -15,10 +16,13 @@ else
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=3
 timeout 300 python3 -m pytest tests/test_attention_gpu.py -q -rs --tb=short 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+# Mosaic GPU forward: the compiled (GPU-marked) tests; they skip unless compute capability 9.x.
+timeout 300 python3 -m pytest tests/test_mosaic_attention.py -m gpu -q -rs --tb=short 2>&1 \
+  | tee "$OUT/mosaic_tests.log" | tail -40
 if [ "$1" = "--full" ]; then
   ARGS="--D 128 64 --memory-sweep"
 else
-  ARGS="--D 128 --T 4096 16384 --impls pallas triton cudnn"
+  ARGS="--D 128 --T 4096 16384 --impls pallas mosaic cudnn"
 fi
 timeout 400 python3 -m experiments.bench_attention $ARGS --json "$OUT/bench.jsonl" 2>&1 \
   | grep -v '^ \|^W1\|^E1' | tee "$OUT/bench.log"

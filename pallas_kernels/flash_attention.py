@@ -1,20 +1,36 @@
-"""Public FlashAttention op: argument checking, padding, block-size table and the custom VJP.
+"""Public FlashAttention op: argument checking, padding, block-size tables, backend choice and
+the custom VJP.
 
 ``flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, block_q=None,
-block_k=None, interpret=None) -> o`` computes exactly what
+block_k=None, interpret=None, backend=None) -> o`` computes exactly what
 :func:`pallas_kernels.reference_attention` computes (same conventions: ``[B, T, H, D]`` layout,
 GQA/MQA by ``h // (Hq // Hkv)``, bottom-right causal alignment, ``segment_ids`` as one
 ``[B, T]`` array or a ``(q_ids, kv_ids)`` pair, rows with no visible key -> 0), with O(T) memory:
 the forward saves only ``o`` and the per-row log-sum-exp, the backward recomputes the scores.
 
-Backends: compiled through Pallas' Triton lowering on a GPU backend; Pallas interpret mode
-(``interpret=True``) anywhere. ``interpret=None`` picks interpret mode iff
-``jax.default_backend() != "gpu"``; ``interpret=False`` without a GPU raises ``RuntimeError``.
+Backends (``backend=``):
 
-Supported: float32 / bfloat16 / float16 inputs (float32 softmax statistics and accumulation;
-float32 inputs use exact float32 products, not TF32); head dims 16, 32, 64, 128, 256; any
-``Tq``, ``Tk`` (inputs are zero-padded to block multiples and the padding is masked); block sizes
-powers of two >= 16.
+* ``"triton"``: forward and backward kernels written for Pallas' Triton lowering
+  (``_fwd_kernel.py``, ``_bwd_kernel.py``); in interpret mode, Pallas' generic interpreter.
+* ``"mosaic"``: the Hopper kernels in Pallas Mosaic GPU: forward ``mosaic_fwd.py`` and backward
+  ``mosaic_bwd.py`` (TMA, ``wgmma``, warp specialisation). Compiled they need
+  a GPU of compute capability 9.x; in interpret mode it runs in Mosaic GPU interpret mode
+  (``InterpretGPUParams``: simulated SMEM, TMA, barriers and warpgroups on CPU). Supports
+  bfloat16 / float16, head dims 64 / 128, no ``segment_ids``, ``block_q`` 128 and ``block_k``
+  64 / 128; anything else raises ``ValueError`` (no silent fallback).
+* ``None`` (auto): ``"triton"`` for now. The Mosaic kernels are tested in Mosaic GPU interpret
+  mode and lower for sm_90 on a CPU host, but have not yet run on a GPU, so auto does not pick
+  them; once ``tests/test_mosaic_attention*.py -m gpu`` pass on an H100 and the benchmark shows
+  them faster, set ``_MOSAIC_AUTO = True``: auto then picks ``"mosaic"`` iff compiled on a
+  compute-capability-9.x GPU and the call is supported. Always ``"triton"`` in interpret mode.
+
+``interpret=None`` picks interpret mode iff ``jax.default_backend() != "gpu"``;
+``interpret=False`` without a GPU raises ``RuntimeError``.
+
+Supported (triton): float32 / bfloat16 / float16 inputs (float32 softmax statistics and
+accumulation; float32 inputs use exact float32 products, not TF32); head dims 16, 32, 64, 128,
+256; any ``Tq``, ``Tk`` (inputs are zero-padded to block multiples and the padding is masked);
+block sizes powers of two >= 16.
 """
 from __future__ import annotations
 
@@ -27,9 +43,11 @@ import jax.numpy as jnp
 from pallas_kernels._bwd_kernel import flash_bwd
 from pallas_kernels._common import AttnStatic
 from pallas_kernels._fwd_kernel import flash_fwd
+from pallas_kernels.mosaic_bwd import MOSAIC_BWD_DEFAULT_BLOCKS, mosaic_flash_bwd
+from pallas_kernels.mosaic_fwd import mosaic_flash_fwd, mosaic_unsupported_reason
 from pallas_kernels.reference import check_attention_args
 
-__all__ = ["flash_attention", "kernel_config"]
+__all__ = ["flash_attention", "kernel_config", "mosaic_kernel_config", "resolve_backend"]
 
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -48,6 +66,23 @@ _GPU_TABLE = {
     256: ((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1)),      # not tuned (correctness only)
 }
 _INTERPRET_BLOCK = 64
+
+# --------------------------------------------------------------------------------------------
+# Mosaic GPU forward (backend="mosaic"): block_q is fixed at 128 (two consumer warpgroups x 64
+# rows). Keys: head dim. Values: (block_k, number of K/V SMEM slots).
+# UNTUNED (no GPU this session): chosen from the SMEM budget (227 KiB per block on H100) and
+# the consumer register budget only; `bench_attention.py --impls mosaic` on an H100 should tune.
+# --------------------------------------------------------------------------------------------
+_MOSAIC_BLOCK_Q = 128
+_MOSAIC_TABLE = {
+    64: (128, 3),    # untuned (no GPU this session); SMEM 16 + 96 KiB (+32 KiB P tiles)
+    128: (128, 2),   # untuned (no GPU this session); SMEM 32 + 128 KiB (+32 KiB P tiles)
+}
+_MOSAIC_INTERPRET = (64, 2)  # interpret mode: small key blocks so short tests wrap the ring
+_MOSAIC_BWD_INTERPRET = ((64, 64), (64, 64))  # interpret mode: (dK/dV, dQ) (block_q, block_k)
+# Auto-select the Mosaic kernels on Hopper? Off until they have run on a GPU (see docstring).
+_MOSAIC_AUTO = False
+_BACKENDS = ("triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +108,64 @@ def kernel_config(D, Tq, Tk, *, interpret):
     return tuple(out)
 
 
+def mosaic_kernel_config(D, Tk, *, interpret, block_k=None):
+    """``KernelConfig`` of the Mosaic GPU forward (``num_stages`` = number of K/V SMEM slots)."""
+    bk, slots = _MOSAIC_INTERPRET if interpret else _MOSAIC_TABLE[D]
+    if block_k is None:
+        bk = max(64, min(bk, _next_pow2(Tk)))
+    else:
+        bk = block_k
+    return KernelConfig(_MOSAIC_BLOCK_Q, bk, None, slots)
+
+
+def _is_hopper():
+    if jax.default_backend() != "gpu":
+        return False
+    cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+    return cc.split(".")[0] == "9"
+
+
+def _mosaic_reason(dtype, D, has_segments, block_q, block_k):
+    """Why the Mosaic GPU forward cannot take this call (``None``: it can)."""
+    reason = mosaic_unsupported_reason(dtype, D, has_segments)
+    if reason is None and block_q is not None and block_q != _MOSAIC_BLOCK_Q:
+        reason = f"block_q={block_q} (the Mosaic GPU kernel needs block_q={_MOSAIC_BLOCK_Q})"
+    if reason is None and block_k is not None and block_k not in (64, 128):
+        reason = f"block_k={block_k} (the Mosaic GPU kernel needs block_k 64 or 128)"
+    return reason
+
+
+def resolve_backend(backend, *, interpret, dtype, D, has_segments=False, block_q=None,
+                    block_k=None):
+    """The forward backend ``flash_attention`` uses: ``"triton"`` or ``"mosaic"``.
+
+    ``backend=None`` picks ``"mosaic"`` iff ``_MOSAIC_AUTO`` is set (it is not until the kernels
+    are verified on a GPU), the call is compiled (``interpret=False``) on a GPU of compute
+    capability 9.x and the call is supported by the Mosaic kernels. An explicit ``"mosaic"``
+    that cannot run raises (``ValueError`` for unsupported inputs, ``RuntimeError`` for a
+    compiled call without a Hopper GPU).
+    """
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be None, 'triton' or 'mosaic', got {backend!r}")
+    reason = _mosaic_reason(dtype, D, has_segments, block_q, block_k)
+    if backend is None:
+        use = _MOSAIC_AUTO and not interpret and reason is None and _is_hopper()
+        return "mosaic" if use else "triton"
+    if backend == "mosaic":
+        if reason is not None:
+            raise ValueError(f"flash_attention(backend='mosaic') does not support {reason}; "
+                             "use backend='triton' (or None to choose automatically)")
+        if not interpret and not _is_hopper():
+            dev = jax.devices()[0]
+            raise RuntimeError(
+                "flash_attention(backend='mosaic', interpret=False) needs a Hopper GPU (compute "
+                f"capability 9.x), but the default device is {dev.device_kind!r} "
+                f"(platform {dev.platform!r}, compute capability "
+                f"{getattr(dev, 'compute_capability', None)!r}); pass interpret=True for "
+                "Mosaic GPU interpret mode or use backend='triton'")
+    return backend
+
+
 def _next_pow2(n):
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -81,13 +174,18 @@ def _is_pow2(n):
     return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
 
 
-def _resolve_interpret(interpret):
+def _resolve_interpret(interpret, kernel_backend=None):
     backend = jax.default_backend()
     if interpret is None:
         return backend != "gpu"
     if not isinstance(interpret, bool):
         raise TypeError(f"interpret must be None, True or False, got {interpret!r}")
     if not interpret and backend != "gpu":
+        if kernel_backend == "mosaic":
+            raise RuntimeError(
+                "flash_attention(backend='mosaic', interpret=False) needs a Hopper GPU for the "
+                f"compiled Mosaic GPU kernel, but jax.default_backend() is {backend!r}; pass "
+                "interpret=True (or None) to run it in Mosaic GPU interpret mode")
         raise RuntimeError(
             f"flash_attention(interpret=False) needs a GPU backend for the compiled Pallas "
             f"kernel, but jax.default_backend() is {backend!r}; pass interpret=True (or None) "
@@ -109,6 +207,7 @@ class _Plan:
     dq: AttnStatic
     Tq: int
     Tk: int
+    backend: str = "triton"   # "triton" or "mosaic", forward and backward
 
 
 def _compiler_params(st: AttnStatic):
@@ -140,7 +239,11 @@ def _pad_segs(segs, Tq_pad, Tk_pad):
 def _forward(q, k, v, q_seg, kv_seg, plan: _Plan):
     st = plan.fwd
     qp, kp, vp = _pad_seq(q, st.Tq_pad), _pad_seq(k, st.Tk_pad), _pad_seq(v, st.Tk_pad)
-    o, lse = flash_fwd(qp, kp, vp, q_seg, kv_seg, st, _compiler_params(st))
+    if plan.backend == "mosaic":
+        o, lse = mosaic_flash_fwd(qp, kp, vp, st, interpret=st.interpret,
+                                  num_slots=st.num_stages)
+    else:
+        o, lse = flash_fwd(qp, kp, vp, q_seg, kv_seg, st, _compiler_params(st))
     return o[:, :plan.Tq], lse
 
 
@@ -162,8 +265,12 @@ def _flash_bwd_rule(plan, res, do):
     delta = _pad_seq(delta, st.Tq_pad).transpose(0, 2, 1)
     qp, dop = _pad_seq(q, st.Tq_pad), _pad_seq(do.astype(q.dtype), st.Tq_pad)
     kp, vp = _pad_seq(k, st.Tk_pad), _pad_seq(v, st.Tk_pad)
-    dq, dk, dv = flash_bwd(qp, kp, vp, dop, lse, delta, q_seg, kv_seg, st, plan.dq,
-                           _compiler_params(st), _compiler_params(plan.dq))
+    if plan.backend == "mosaic":
+        dq, dk, dv = mosaic_flash_bwd(qp, kp, vp, dop, lse, delta, st, interpret=st.interpret,
+                                      st_dq=plan.dq)
+    else:
+        dq, dk, dv = flash_bwd(qp, kp, vp, dop, lse, delta, q_seg, kv_seg, st, plan.dq,
+                               _compiler_params(st), _compiler_params(plan.dq))
     return dq[:, :plan.Tq], dk[:, :plan.Tk], dv[:, :plan.Tk], None, None
 
 
@@ -171,7 +278,7 @@ _flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
 
 
 def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, block_q=None,
-                    block_k=None, interpret=None):
+                    block_k=None, interpret=None, backend=None):
     """FlashAttention with a custom VJP; same result as ``reference_attention``.
 
     Args:
@@ -182,6 +289,9 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, b
       block_q, block_k: block sizes (powers of two >= 16) for all three kernels; ``None`` uses
         the tuned table (:func:`kernel_config`).
       interpret: ``None`` (interpret iff no GPU backend), ``True`` or ``False``.
+      backend: ``None`` (auto), ``"triton"`` or ``"mosaic"`` (module docstring); applies to the
+        forward and the backward. With ``"mosaic"``, ``block_q`` / ``block_k`` set the forward's
+        blocks (``block_q`` must be 128); the backward uses its own table.
 
     Returns:
       ``o [B, Tq, Hq, D]`` in ``q.dtype``; differentiable in q, k, v.
@@ -193,11 +303,20 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, b
     _check_block("block_k", block_k)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    interpret = _resolve_interpret(interpret)
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be None, 'triton' or 'mosaic', got {backend!r}")
+    interpret = _resolve_interpret(interpret, backend)
+    kernel_backend = resolve_backend(backend, interpret=interpret, dtype=q.dtype, D=D,
+                                  has_segments=segs is not None, block_q=block_q,
+                                  block_k=block_k)
 
     cfgs = kernel_config(D, Tq, Tk, interpret=interpret)
     cfgs = [dataclasses.replace(c, block_q=block_q or c.block_q, block_k=block_k or c.block_k)
             for c in cfgs]
+    if kernel_backend == "mosaic":
+        cfgs[0] = mosaic_kernel_config(D, Tk, interpret=interpret, block_k=block_k)
+        bkv, bdq = _MOSAIC_BWD_INTERPRET if interpret else MOSAIC_BWD_DEFAULT_BLOCKS[D]
+        cfgs[1], cfgs[2] = KernelConfig(*bkv), KernelConfig(*bdq)
     Tq_pad = -(-Tq // max(c.block_q for c in cfgs)) * max(c.block_q for c in cfgs)
     Tk_pad = -(-Tk // max(c.block_k for c in cfgs)) * max(c.block_k for c in cfgs)
 
@@ -208,6 +327,6 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, b
                           dtype=jnp.dtype(q.dtype).name, interpret=interpret,
                           num_warps=c.num_warps, num_stages=c.num_stages)
 
-    plan = _Plan(static(cfgs[0]), static(cfgs[1]), static(cfgs[2]), Tq, Tk)
+    plan = _Plan(static(cfgs[0]), static(cfgs[1]), static(cfgs[2]), Tq, Tk, kernel_backend)
     q_seg, kv_seg = _pad_segs(segs, Tq_pad, Tk_pad)
     return _flash(q, k, v, q_seg, kv_seg, plan)
