@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (AttnStatic, dot_nn, dot_nt, kv_block_range,
-                                    q_block_range, score_mask)
+                                    q_block_index_maps, q_block_range, score_mask)
 
 
 def _dkdv_kernel(*refs, st: AttnStatic):
@@ -148,14 +148,7 @@ def flash_bwd(q, k, v, do, lse, delta, q_seg, kv_seg, st: AttnStatic, st_dq: Att
     st = st_dq
     bq, bk = st.block_q, st.block_k
     nq = Tq_pad // bq
-    if st.causal:
-        qidx = lambda i, h, b: (b, nq - 1 - i, h, 0)
-        lidx = lambda i, h, b: (b, h, nq - 1 - i)
-        sidx = lambda i, h, b: (b, nq - 1 - i)
-    else:
-        qidx = lambda i, h, b: (b, i, h, 0)
-        lidx = lambda i, h, b: (b, h, i)
-        sidx = lambda i, h, b: (b, i)
+    qidx, lidx, sidx = q_block_index_maps(st, nq)
     qb_spec = pl.BlockSpec((None, bq, None, D), qidx)
     kv_spec = pl.BlockSpec((None, Tk_pad, None, D), lambda i, h, b: (b, 0, h // G, 0))
     row_spec = pl.BlockSpec((None, None, bq), lidx)

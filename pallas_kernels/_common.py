@@ -140,3 +140,13 @@ def score_mask(st: AttnStatic, rows, cols, q_seg=None, kv_seg=None, transposed=F
         qs, ks = (q_seg[None, :], kv_seg[:, None]) if transposed else (q_seg[:, None], kv_seg[None, :])
         mask = mask & (qs == ks)
     return mask
+
+
+def q_block_index_maps(st: AttnStatic, nq: int):
+    """Index maps over the grid ``(i, h, b)`` of a kernel that owns one query block: for the
+    ``[B, T, H, D]`` tile, the ``[B, H, T]`` row statistics and the ``[B, T]`` segment ids.
+    Causal grids visit the query blocks in reverse (longest rows first, better load balance)."""
+    blk = (lambda i: nq - 1 - i) if st.causal else (lambda i: i)
+    return (lambda i, h, b: (b, blk(i), h, 0),
+            lambda i, h, b: (b, h, blk(i)),
+            lambda i, h, b: (b, blk(i)))

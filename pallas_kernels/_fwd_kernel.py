@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import AttnStatic, dot_nn, dot_nt, kv_block_range, score_mask
+from pallas_kernels._common import (AttnStatic, dot_nn, dot_nt, kv_block_range,
+                                    q_block_index_maps, score_mask)
 
 
 def _fwd_kernel(*refs, st: AttnStatic):
@@ -74,14 +75,7 @@ def flash_fwd(q, k, v, q_seg, kv_seg, st: AttnStatic, compiler_params):
     G = st.group
     bq = st.block_q
 
-    if st.causal:
-        qidx = lambda i, h, b: (b, nq - 1 - i, h, 0)
-        lidx = lambda i, h, b: (b, h, nq - 1 - i)
-        sidx = lambda i, h, b: (b, nq - 1 - i)
-    else:
-        qidx = lambda i, h, b: (b, i, h, 0)
-        lidx = lambda i, h, b: (b, h, i)
-        sidx = lambda i, h, b: (b, i)
+    qidx, lidx, sidx = q_block_index_maps(st, nq)
     kv_spec = pl.BlockSpec((None, Tk_pad, None, D), lambda i, h, b: (b, 0, h // G, 0))
     in_specs = [pl.BlockSpec((None, bq, None, D), qidx), kv_spec, kv_spec]
     args = [q, k, v]
