@@ -16,6 +16,9 @@ Usage::
     python -m experiments.bench_attention                      # GPU: full sweep
     python -m experiments.bench_attention --small              # tiny sizes (default on CPU)
     python -m experiments.bench_attention --json out.jsonl --D 128 --T 4096 8192
+    python -m experiments.bench_attention --impls mosaic cudnn --D 128 --tune   # H100: sweeps
+        # the Mosaic forward's (block_k, slots) x schedule (serial / overlap / pingpong /
+        # overlap+pingpong) at T=--tune-T, then benchmarks the best
 
 Shapes: the papers' convention, ``B * T = tokens`` (default 16384) and ``H * D = 2048``.
 ``peak_bytes``: for JAX impls the compiled forward+backward's ``memory_analysis()`` (arguments +
@@ -61,6 +64,13 @@ def _jax_fn(impl, causal, interpret):
         from pallas_kernels.triton_fwd import triton_flash_forward
         return lambda q, k, v: triton_flash_forward(q, k, v, causal=causal)
     raise ValueError(impl)
+
+
+def _mosaic_config(D):
+    """The Mosaic forward's (block_k, slots, schedule) table entry used for head dim ``D``."""
+    import importlib
+    fa = importlib.import_module("pallas_kernels.flash_attention")
+    return list(fa._MOSAIC_TABLE[D]) if D in fa._MOSAIC_TABLE else None
 
 
 def _is_hopper():
@@ -222,17 +232,30 @@ MOSAIC_CANDIDATES = {64: [(64, 2), (64, 3), (128, 2), (128, 3)],
                      128: [(64, 2), (64, 3), (128, 2)]}   # (block_k, K/V SMEM slots)
 
 
-def tune_mosaic(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records):
-    """Hopper: times the Mosaic GPU forward for each (block_k, slots) candidate and installs the
-    best (sum over causal/non-causal) into its table for the rest of the run."""
+def mosaic_schedules():
+    """The Mosaic GPU forward's consumer schedules ("serial", "overlap", "pingpong", ...)."""
+    from pallas_kernels.mosaic_fwd import SCHEDULES
+    return SCHEDULES
+
+
+def tune_mosaic(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records, schedules=None):
+    """Hopper: times the Mosaic GPU forward for each (block_k, slots) candidate x consumer
+    schedule (all of ``mosaic_schedules()`` unless ``schedules`` is given) and installs the best
+    (sum over causal/non-causal) into its table for the rest of the run."""
     import importlib
     fa = importlib.import_module("pallas_kernels.flash_attention")
+    schedules = tuple(schedules or mosaic_schedules())
+    bad = [x for x in schedules if x not in mosaic_schedules()]
+    if bad:
+        raise ValueError(f"unknown Mosaic schedules {bad}; choose from {mosaic_schedules()}")
     for D in Ds:
         if D not in fa._MOSAIC_TABLE:
             continue
         H, B = max(1, hidden // D), max(1, tokens // T)
         orig, scores = fa._MOSAIC_TABLE[D], {}
-        for cand in MOSAIC_CANDIDATES[D]:
+        cands = [(bk, slots, sched) for sched in schedules
+                 for bk, slots in MOSAIC_CANDIDATES[D]]
+        for cand in cands:
             fa._MOSAIC_TABLE[D] = cand
             tot = 0.0
             for causal in (False, True):
@@ -250,7 +273,12 @@ def tune_mosaic(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records):
             scores[cand] = tot
         best = min(scores, key=scores.get)
         fa._MOSAIC_TABLE[D] = best if scores[best] < float("inf") else orig
-        print(f"tune mosaic D={D}: best (block_k, slots) {fa._MOSAIC_TABLE[D]}")
+        print(f"tune mosaic D={D}: best (block_k, slots, schedule) {fa._MOSAIC_TABLE[D]}")
+        for sched in schedules:   # best per schedule, to read the schedules' effect directly
+            mine = {c: t for c, t in scores.items() if c[2] == sched}
+            c = min(mine, key=mine.get)
+            print(f"tune mosaic D={D}: schedule {sched:<17} best {c}: {mine[c]:.3f} ms "
+                  "(sum causal + non-causal)")
 
 
 # ------------------------------------------------------------------------------ driver
@@ -264,6 +292,8 @@ def run(impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, o
                 for impl in impls:
                     base = dict(impl=impl, dtype=jnp.dtype(dtype).name, B=B, T=T, H=H, D=D,
                                 causal=causal, device=device, section=section)
+                    if impl == "mosaic":
+                        base["mosaic_config"] = _mosaic_config(D)
                     reason = _skip_reason(impl, on_gpu, D, dtype)
                     if reason is None:
                         try:
@@ -338,8 +368,11 @@ def main(argv=None):
                    help="also sweep T at B=1 to show peak memory O(T) vs O(T^2)")
     p.add_argument("--tune", action="store_true",
                    help="GPU: time candidate block sizes/warps/stages (pallas) and block_k/SMEM "
-                        "slots (mosaic, Hopper) at T=--tune-T first and use the best for the "
-                        "rest of the run")
+                        "slots x consumer schedule (mosaic, Hopper) at T=--tune-T first and use "
+                        "the best for the rest of the run")
+    p.add_argument("--mosaic-schedules", nargs="+", default=None, choices=mosaic_schedules(),
+                   help="--tune: the Mosaic forward schedules to sweep (default: all of "
+                        "pallas_kernels.mosaic_fwd.SCHEDULES)")
     p.add_argument("--tune-T", type=int, default=4096)
     p.add_argument("--json", default=None, help="write one JSON record per line here")
     a = p.parse_args(argv)
@@ -364,7 +397,8 @@ def main(argv=None):
         if "pallas" in a.impls:
             tune(Ds, a.tune_T, tokens, hidden, dtype, reps, inner, device, records)
         if "mosaic" in a.impls and _is_hopper():
-            tune_mosaic(Ds, a.tune_T, tokens, hidden, dtype, reps, inner, device, records)
+            tune_mosaic(Ds, a.tune_T, tokens, hidden, dtype, reps, inner, device, records,
+                        schedules=a.mosaic_schedules)
     print(HEADER)
     run(a.impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, on_gpu, device,
         records)

@@ -44,6 +44,7 @@ from pallas_kernels._bwd_kernel import flash_bwd
 from pallas_kernels._common import AttnStatic
 from pallas_kernels._fwd_kernel import flash_fwd
 from pallas_kernels.mosaic_bwd import MOSAIC_BWD_DEFAULT_BLOCKS, mosaic_flash_bwd
+from pallas_kernels.mosaic_fwd import SCHEDULES as MOSAIC_SCHEDULES
 from pallas_kernels.mosaic_fwd import mosaic_flash_fwd, mosaic_unsupported_reason
 from pallas_kernels.reference import check_attention_args
 
@@ -69,16 +70,20 @@ _INTERPRET_BLOCK = 64
 
 # --------------------------------------------------------------------------------------------
 # Mosaic GPU forward (backend="mosaic"): block_q is fixed at 128 (two consumer warpgroups x 64
-# rows). Keys: head dim. Values: (block_k, number of K/V SMEM slots).
-# UNTUNED (no GPU this session): chosen from the SMEM budget (227 KiB per block on H100) and
-# the consumer register budget only; `bench_attention.py --impls mosaic` on an H100 should tune.
+# rows). Keys: head dim. Values: (block_k, number of K/V SMEM slots, consumer schedule), the
+# schedule one of mosaic_fwd.SCHEDULES ("serial", "overlap", "pingpong", "overlap+pingpong").
+# UNTUNED (no GPU this session): block_k / slots chosen from the SMEM budget (227 KiB per block
+# on H100) and the consumer register budget only; the schedule stays "serial" until the FA3
+# schedules have been measured on a GPU. `bench_attention.py --tune --impls mosaic` on an H100
+# sweeps all three columns.
 # --------------------------------------------------------------------------------------------
 _MOSAIC_BLOCK_Q = 128
 _MOSAIC_TABLE = {
-    64: (128, 3),    # untuned (no GPU this session); SMEM 16 + 96 KiB (+32 KiB P tiles)
-    128: (128, 2),   # untuned (no GPU this session); SMEM 32 + 128 KiB (+32 KiB P tiles)
+    64: (128, 3, "serial"),    # untuned; SMEM 16 + 96 KiB (+32 KiB P tiles)
+    128: (128, 2, "serial"),   # untuned; SMEM 32 + 128 KiB (+32 KiB P tiles)
 }
-_MOSAIC_INTERPRET = (64, 2)  # interpret mode: small key blocks so short tests wrap the ring
+# interpret mode: small key blocks so short tests wrap the ring
+_MOSAIC_INTERPRET = (64, 2, "serial")
 _MOSAIC_BWD_INTERPRET = ((64, 64), (64, 64))  # interpret mode: (dK/dV, dQ) (block_q, block_k)
 # Auto-select the Mosaic kernels on Hopper? Off until they have run on a GPU (see docstring).
 _MOSAIC_AUTO = False
@@ -91,6 +96,7 @@ class KernelConfig:
     block_k: int
     num_warps: int | None = None
     num_stages: int | None = None
+    schedule: str | None = None    # Mosaic GPU forward only (mosaic_fwd.SCHEDULES)
 
 
 def kernel_config(D, Tq, Tk, *, interpret):
@@ -109,13 +115,17 @@ def kernel_config(D, Tq, Tk, *, interpret):
 
 
 def mosaic_kernel_config(D, Tk, *, interpret, block_k=None):
-    """``KernelConfig`` of the Mosaic GPU forward (``num_stages`` = number of K/V SMEM slots)."""
-    bk, slots = _MOSAIC_INTERPRET if interpret else _MOSAIC_TABLE[D]
+    """``KernelConfig`` of the Mosaic GPU forward (``num_stages`` = number of K/V SMEM slots,
+    ``schedule`` = consumer schedule, see :data:`pallas_kernels.mosaic_fwd.SCHEDULES`)."""
+    bk, slots, schedule = _MOSAIC_INTERPRET if interpret else _MOSAIC_TABLE[D]
+    if schedule not in MOSAIC_SCHEDULES:
+        raise ValueError(f"Mosaic GPU table entry for D={D}: schedule {schedule!r} is not one "
+                         f"of {MOSAIC_SCHEDULES}")
     if block_k is None:
         bk = max(64, min(bk, _next_pow2(Tk)))
     else:
         bk = block_k
-    return KernelConfig(_MOSAIC_BLOCK_Q, bk, None, slots)
+    return KernelConfig(_MOSAIC_BLOCK_Q, bk, None, slots, schedule)
 
 
 def _is_hopper():
@@ -208,6 +218,7 @@ class _Plan:
     Tq: int
     Tk: int
     backend: str = "triton"   # "triton" or "mosaic", forward and backward
+    mosaic_schedule: str = "serial"   # Mosaic GPU forward's consumer schedule
 
 
 def _compiler_params(st: AttnStatic):
@@ -241,7 +252,7 @@ def _forward(q, k, v, q_seg, kv_seg, plan: _Plan):
     qp, kp, vp = _pad_seq(q, st.Tq_pad), _pad_seq(k, st.Tk_pad), _pad_seq(v, st.Tk_pad)
     if plan.backend == "mosaic":
         o, lse = mosaic_flash_fwd(qp, kp, vp, st, interpret=st.interpret,
-                                  num_slots=st.num_stages)
+                                  num_slots=st.num_stages, schedule=plan.mosaic_schedule)
     else:
         o, lse = flash_fwd(qp, kp, vp, q_seg, kv_seg, st, _compiler_params(st))
     return o[:, :plan.Tq], lse
@@ -327,6 +338,7 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, b
                           dtype=jnp.dtype(q.dtype).name, interpret=interpret,
                           num_warps=c.num_warps, num_stages=c.num_stages)
 
-    plan = _Plan(static(cfgs[0]), static(cfgs[1]), static(cfgs[2]), Tq, Tk, kernel_backend)
+    plan = _Plan(static(cfgs[0]), static(cfgs[1]), static(cfgs[2]), Tq, Tk, kernel_backend,
+                 cfgs[0].schedule or "serial")
     q_seg, kv_seg = _pad_segs(segs, Tq_pad, Tk_pad)
     return _flash(q, k, v, q_seg, kv_seg, plan)

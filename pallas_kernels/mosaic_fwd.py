@@ -31,9 +31,28 @@ SMEM, so there ``P`` is first stored to a per-consumer SMEM tile (``p_via_smem=T
 choice allowed in interpret mode). That one operand path is the only difference between what the
 CPU tests run and what the GPU runs; both lower for CUDA (checked by the tests on CPU).
 
-Not (yet) done, i.e. expect less than FA3: no intra-warpgroup overlap of ``softmax(S_j)`` with
-``Q K_{j+1}^T`` and no enforced ping-pong between the two consumers (they overlap only as the
-warp schedulers interleave them); each ``wgmma`` is awaited right away.
+Consumer schedules (static ``schedule=`` argument, :data:`SCHEDULES`):
+
+* ``"serial"`` (default): per key block ``j``: issue ``S_j = Q K_j^T``, await it, softmax, issue
+  ``P_j V_j``, await it. The tensor cores idle during the softmax unless the warp schedulers
+  happen to interleave the other consumer's GEMMs.
+* ``"overlap"`` (FA3 intra-warpgroup pipelining): the loop is rotated so that one step issues
+  ``S_{j+1} = Q K_{j+1}^T`` *and then* ``P_j V_j`` (two wgmma groups in flight), awaits only the
+  first (``wgmma_wait``-style ``wgmma_accumulator_load(.., wait_n=1)``), does the softmax of
+  ``S_{j+1}`` while ``P_j V_j`` still runs on the tensor cores, then awaits ``P_j V_j``.
+* ``"pingpong"`` (FA3 inter-warpgroup ping-pong): the same rotated loop, each step issues
+  ``P_j V_j`` and ``S_{j+1}`` and awaits both, but the issue of each step's GEMMs is a critical
+  section handed back and forth between the two consumers by two mbarriers ("turn" tokens), so
+  the tensor cores run one consumer's GEMMs while the other does its softmax.
+* ``"overlap+pingpong"``: both.
+
+The rotated schedules peel a prologue (``S_0``, always with the element mask) and an epilogue
+(``P_{n-1} V_{n-1}``); a query block that sees no key at all still runs one fully masked key
+block (``max(n_end, 1)`` blocks, the producer loads block 0), which gives ``l = 0`` -> ``o = 0``,
+``lse2 = +inf`` like the serial loop with zero trips. All schedules compute the same values up to
+float32 summation order (the o update is ``o * alpha + PV`` in every schedule). None of the
+schedules has run on a GPU yet; expected speeds and the register risk of ``"overlap"`` at
+D=128 / block_k=128 are in docs/benchmarks/attention_notes.md.
 
 Supported: bfloat16 / float16, ``D`` in {64, 128}, ``block_q == 128``, ``block_k`` in
 {64, 128} (dividing ``Tk_pad``), no segment ids. ``D = 256`` is *not* supported: the consumer
@@ -52,7 +71,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels._common import AttnStatic, kv_block_range
 
 __all__ = ["mosaic_flash_fwd", "mosaic_unsupported_reason", "smem_bytes", "MOSAIC_HEAD_DIMS",
-           "MOSAIC_DTYPES"]
+           "MOSAIC_DTYPES", "SCHEDULES"]
 
 MOSAIC_HEAD_DIMS = (64, 128)
 MOSAIC_DTYPES = ("bfloat16", "float16")
@@ -63,6 +82,14 @@ _BLOCK_KS = (64, 128)
 _PRODUCER_REGS = 40
 _CONSUMER_REGS = 232
 _SMEM_LIMIT = 227 * 1024  # H100 / H200 opt-in shared memory per block
+# Consumer schedules (module docstring): (intra-warpgroup overlap, inter-warpgroup ping-pong).
+_SCHEDULE_FLAGS = {
+    "serial": (False, False),
+    "overlap": (True, False),
+    "pingpong": (False, True),
+    "overlap+pingpong": (True, True),
+}
+SCHEDULES = tuple(_SCHEDULE_FLAGS)
 
 
 def mosaic_unsupported_reason(dtype, D, has_segments) -> str | None:
@@ -93,7 +120,10 @@ def _smem_transforms(minor_dim, dtype):
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
-def _check(q, k, v, st: AttnStatic, num_slots, interpret, p_via_smem):
+def _check(q, k, v, st: AttnStatic, num_slots, interpret, p_via_smem, schedule):
+    if schedule not in _SCHEDULE_FLAGS:
+        raise ValueError(f"mosaic_flash_fwd: schedule must be one of {SCHEDULES}, "
+                         f"got {schedule!r}")
     reason = mosaic_unsupported_reason(q.dtype, st.D, st.has_segments)
     if reason is not None:
         raise ValueError(f"mosaic_flash_fwd does not support {reason}")
@@ -121,9 +151,36 @@ def _check(q, k, v, st: AttnStatic, num_slots, interpret, p_via_smem):
                          "p_via_smem=False (P from registers) can only run compiled on a GPU")
 
 
+def _softmax_step(s, m, l, j, r0, st: AttnStatic, masked):
+    """Online-softmax update for key block ``j`` from the raw scores ``s = Q K_j^T``.
+
+    Returns ``(m_new, l_new, alpha, p)``: running max and sum, the rescale factor
+    ``alpha = exp2(m - m_new)`` of everything accumulated before block ``j``, and the
+    probabilities ``p`` (float32) relative to ``m_new``.
+    """
+    bk = st.block_k
+    s = s * st.scale2                                  # base-2 units
+    if masked:  # iotas built here, not hoisted: no registers held in unmasked steps
+        wgmma_layout = plgpu.Layout.WGMMA
+        cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 1, layout=wgmma_layout)
+        vis = cols < st.Tk
+        if st.causal:
+            rows = r0 + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 0, layout=wgmma_layout)
+            vis = vis & (cols <= rows + st.offset)
+        s = jnp.where(vis, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    # a row may have seen no key yet (masked blocks only): keep exp2 arguments finite
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+    alpha = jnp.exp2(m - m_use)
+    p = jnp.exp2(s - m_use[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    return m_new, l, alpha, p
+
+
 def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
               q_smem, k_smem, v_smem, p_smem, lse_smem,
-              q_bar, k_full, v_full, k_free, v_free, *, st: AttnStatic, num_slots: int):
+              q_bar, k_full, v_full, k_free, v_free, turn, *, st: AttnStatic, num_slots: int,
+              schedule: str):
     dtype = q_ref.dtype
     bk, S = st.block_k, num_slots
     nq = st.Tq_pad // _BLOCK_Q
@@ -134,6 +191,10 @@ def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
     hk = h // st.group
     n_full, n_end = kv_block_range(st, q_block)
     wg = jax.lax.axis_index("wg")
+    overlap, pingpong = _SCHEDULE_FLAGS[schedule]
+    # The rotated (non-serial) loops always run >= 1 key block (a fully masked one when the
+    # query block sees no key), so the producer then loads block 0 too.
+    n_blocks = n_end if schedule == "serial" else jnp.maximum(n_end, 1)
 
     @pl.when(wg == 2)
     def _producer():
@@ -154,7 +215,7 @@ def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
             plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk, :], v_smem.at[slot], v_full.at[slot])
             return carry
 
-        jax.lax.fori_loop(0, n_end, load, None)
+        jax.lax.fori_loop(0, n_blocks, load, None)
 
         # Drain: observe the last release of each used slot, so that every barrier phase is
         # waited on exactly once (the interpreter checks this when the barriers are freed).
@@ -164,7 +225,7 @@ def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
             plgpu.barrier_wait(v_free.at[slot])
             return carry
 
-        jax.lax.fori_loop(jnp.maximum(n_end - S, 0), n_end, drain, None)
+        jax.lax.fori_loop(jnp.maximum(n_blocks - S, 0), n_blocks, drain, None)
 
     @pl.when(wg < 2)
     def _consumer():
@@ -175,60 +236,13 @@ def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
         plgpu.barrier_wait(q_bar.at[wg])
 
         row_layout = plgpu.Layout.WGMMA.reduce(1)
-
-        def step(j, carry, masked):
-            o, m, l = carry
-            slot = jax.lax.rem(j, S)
-
-            plgpu.barrier_wait(k_full.at[slot])
-
-            def qk(acc):
-                plgpu.wgmma(acc, q_tile, k_smem.at[slot].T)
-                return acc[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, bk), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = s * st.scale2                                  # base-2 units
-            if masked:  # iotas built here, not hoisted: no registers held in unmasked steps
-                wgmma_layout = plgpu.Layout.WGMMA
-                cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 1,
-                                                       layout=wgmma_layout)
-                vis = cols < st.Tk
-                if st.causal:
-                    rows = r0 + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 0,
-                                                       layout=wgmma_layout)
-                    vis = vis & (cols <= rows + st.offset)
-                s = jnp.where(vis, s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            # a row may have seen no key yet (masked blocks only): keep exp2 arguments finite
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-            alpha = jnp.exp2(m - m_use)
-            p = jnp.exp2(s - m_use[:, None])
-            l = l * alpha + jnp.sum(p, axis=1)
-            p = p.astype(dtype)
-
-            plgpu.barrier_wait(v_full.at[slot])
-            if p_smem is not None:
-                p_smem.at[wg][...] = p
-                plgpu.commit_smem()                            # visible to the tensor core
-                p_op = p_smem.at[wg]
-            else:
-                p_op = p
-
-            def pv(acc):
-                plgpu.wgmma(acc, p_op, v_smem.at[slot])
-                return acc[...]
-
-            pv_val = pl.run_scoped(pv, plgpu.ACC((_ROWS, st.D), jnp.float32))
-            plgpu.barrier_arrive(v_free.at[slot])
-            o = o * alpha[:, None] + pv_val
-            return o, m_new, l
-
         o0 = plgpu.layout_cast(jnp.zeros((_ROWS, st.D), jnp.float32), plgpu.Layout.WGMMA)
         m0 = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), row_layout)
         l0 = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), row_layout)
-        carry = jax.lax.fori_loop(0, n_full, functools.partial(step, masked=False), (o0, m0, l0))
-        o, m, l = jax.lax.fori_loop(n_full, n_end, functools.partial(step, masked=True), carry)
+        consumer = _consumer_serial if schedule == "serial" else _consumer_rotated
+        o, m, l = consumer(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_free, turn,
+                           wg=wg, r0=r0, n_full=n_full, n_blocks=n_blocks, init=(o0, m0, l0),
+                           st=st, num_slots=S, overlap=overlap, pingpong=pingpong)
 
         empty = l == 0.0
         l_safe = jnp.where(empty, 1.0, l)
@@ -243,8 +257,194 @@ def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
         plgpu.wait_smem_to_gmem(0)
 
 
+def _consumer_serial(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_free, turn, *,
+                     wg, r0, n_full, n_blocks, init, st, num_slots, overlap, pingpong):
+    """``schedule="serial"``: every wgmma is awaited right after it is issued."""
+    del turn, overlap, pingpong
+    dtype, bk, S = k_smem.dtype, st.block_k, num_slots
+
+    def step(j, carry, masked):
+        o, m, l = carry
+        slot = jax.lax.rem(j, S)
+
+        plgpu.barrier_wait(k_full.at[slot])
+
+        def qk(acc):
+            plgpu.wgmma(acc, q_tile, k_smem.at[slot].T)
+            return acc[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((_ROWS, bk), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        m_new, l, alpha, p = _softmax_step(s, m, l, j, r0, st, masked)
+        p = p.astype(dtype)
+
+        plgpu.barrier_wait(v_full.at[slot])
+        if p_smem is not None:
+            p_smem.at[wg][...] = p
+            plgpu.commit_smem()                            # visible to the tensor core
+            p_op = p_smem.at[wg]
+        else:
+            p_op = p
+
+        def pv(acc):
+            plgpu.wgmma(acc, p_op, v_smem.at[slot])
+            return acc[...]
+
+        pv_val = pl.run_scoped(pv, plgpu.ACC((_ROWS, st.D), jnp.float32))
+        plgpu.barrier_arrive(v_free.at[slot])
+        o = o * alpha[:, None] + pv_val
+        return o, m_new, l
+
+    carry = jax.lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
+    return jax.lax.fori_loop(n_full, n_blocks, functools.partial(step, masked=True), carry)
+
+
+def _consumer_rotated(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_free, turn, *,
+                      wg, r0, n_full, n_blocks, init, st, num_slots, overlap, pingpong):
+    """``schedule`` in {"overlap", "pingpong", "overlap+pingpong"}: FA3's rotated loop.
+
+    Step ``j`` (for ``j`` in ``[0, n_blocks - 1)``) enters holding ``P_j`` (registers, or the
+    consumer's P SMEM tile), the statistics ``m_j, l_j`` and ``alpha_j`` (the rescale that
+    belongs to ``P_j V_j``) and ``o_{j-1}``; it issues ``P_j V_j`` and ``S_{j+1} = Q K_{j+1}^T``
+    and leaves with ``P_{j+1}, m_{j+1}, l_{j+1}, alpha_{j+1}`` and
+    ``o_j = o_{j-1} * alpha_j + P_j V_j``. Prologue: ``S_0`` -> ``P_0``; epilogue:
+    ``o_{n-1} = o_{n-2} * alpha_{n-1} + P_{n-1} V_{n-1}``.
+
+    wgmma groups complete in issue order (each ``plgpu.wgmma`` commits one group), so with
+    two groups in flight ``wgmma_accumulator_load(acc, wait_n=1)`` returns once the *older* one
+    is done. Which accumulators / operands are live across that wait is spelled out at each
+    wait below. (Mosaic GPU interpret mode runs wgmma synchronously and ignores ``wait_n``, so
+    the CPU tests cannot catch a wrong ``wait_n``: this ordering is checked by reasoning only.)
+
+    Ping-pong: ``turn[w]`` (1 arrival) is consumer ``w``'s token. The GEMM *issue* of each
+    stage (prologue, each step, epilogue: ``n_blocks + 1`` stages per consumer) is bracketed by
+    ``barrier_wait(turn[wg])`` ... ``barrier_arrive(turn[1 - wg])``; consumer 1 hands consumer 0
+    the first token. So issues strictly alternate 0, 1, 0, 1, ... and the tensor cores run one
+    consumer's GEMMs while the other one does its softmax. Both consumers run the same number
+    of stages (same ``n_blocks``), so ``turn[1]`` completes exactly as often as consumer 1
+    waits on it and ``turn[0]`` once more (consumer 1's last hand-over): consumer 0 waits on
+    that final phase after its epilogue. Strict alternation also means no ``turn`` barrier is
+    ever arrived on twice before its waiter saw the previous phase. The TMA "full" barriers
+    are awaited *before* taking the token, so a consumer never holds the token while waiting
+    for memory (no cycle with the producer: the slots a stage needs were released by both
+    consumers in earlier stages, which never wait on a token held by a later stage).
+    """
+    dtype, bk, S, D = k_smem.dtype, st.block_k, num_slots, st.D
+    o, m, l = init
+
+    def acquire():
+        if pingpong:
+            plgpu.barrier_wait(turn.at[wg])
+
+    def hand_over():
+        if pingpong:
+            plgpu.barrier_arrive(turn.at[1 - wg])
+
+    def stash(p):
+        """P (input dtype) -> what the next ``P V`` wgmma reads: registers, or the P SMEM tile.
+
+        With the SMEM tile, callers only stash after the previous ``P V`` that read the tile
+        has been awaited (wait_n=0): the tile is overwritten here.
+        """
+        if p_smem is None:
+            return p
+        p_smem.at[wg][...] = p
+        plgpu.commit_smem()                                # visible to the tensor core
+        return None
+
+    def p_operand(p):
+        return p if p_smem is None else p_smem.at[wg]
+
+    if pingpong:
+        @pl.when(wg == 1)
+        def _first_token():
+            plgpu.barrier_arrive(turn.at[0])
+
+    # ---- prologue: S_0 (always masked: block 0 may be partly or fully masked) ----
+    plgpu.barrier_wait(k_full.at[0])
+    acquire()
+
+    def qk0(acc):
+        plgpu.wgmma(acc, q_tile, k_smem.at[0].T)
+        hand_over()
+        return acc[...]                                    # wait_n=0: S_0 done
+
+    s = pl.run_scoped(qk0, plgpu.ACC((_ROWS, bk), jnp.float32))
+    plgpu.barrier_arrive(k_free.at[0])
+    m, l, alpha, p = _softmax_step(s, m, l, 0, r0, st, masked=True)
+    p = stash(p.astype(dtype))
+
+    # ---- steady state ----
+    def step(j, carry, masked):
+        o, m, l, alpha, p = carry
+        slot, nslot = jax.lax.rem(j, S), jax.lax.rem(j + 1, S)
+        plgpu.barrier_wait(k_full.at[nslot])
+        plgpu.barrier_wait(v_full.at[slot])
+        acquire()
+
+        def gemms(s_acc, pv_acc):
+            if overlap:
+                plgpu.wgmma(s_acc, q_tile, k_smem.at[nslot].T)    # group A: S_{j+1}
+                plgpu.wgmma(pv_acc, p_operand(p), v_smem.at[slot])  # group B: P_j V_j
+                hand_over()
+                # wait_n=1: group A (older) complete, group B may still run. Live across
+                # this wait and still owned by the tensor core: pv_acc (being written), the
+                # P_j operand (registers, or the P SMEM tile) and V slot `slot`. Ours again:
+                # s_acc and K slot `nslot`, so K is released now, before the softmax.
+                s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+                plgpu.barrier_arrive(k_free.at[nslot])
+                # softmax(S_{j+1}) runs while P_j V_j is on the tensor cores; it writes only
+                # fresh registers (never P_j's, never the P SMEM tile: see stash below).
+                m_new, l_new, alpha_new, p_new = _softmax_step(s, m, l, j + 1, r0, st, masked)
+                p_new = p_new.astype(dtype)
+                pv = pv_acc[...]                                   # wait_n=0: group B done
+            else:
+                plgpu.wgmma(pv_acc, p_operand(p), v_smem.at[slot])  # P_j V_j
+                plgpu.wgmma(s_acc, q_tile, k_smem.at[nslot].T)    # S_{j+1}
+                hand_over()
+                pv = plgpu.wgmma_accumulator_load(pv_acc, wait_n=0)  # both groups done
+                s = s_acc[...]
+                plgpu.barrier_arrive(k_free.at[nslot])
+                m_new, l_new, alpha_new, p_new = _softmax_step(s, m, l, j + 1, r0, st, masked)
+                p_new = p_new.astype(dtype)
+            # every group of this step is complete: V slot and P_j (registers / tile) are free
+            plgpu.barrier_arrive(v_free.at[slot])
+            return pv, m_new, l_new, alpha_new, p_new
+
+        pv, m_new, l_new, alpha_new, p_new = pl.run_scoped(
+            gemms, plgpu.ACC((_ROWS, bk), jnp.float32), plgpu.ACC((_ROWS, D), jnp.float32))
+        o = o * alpha[:, None] + pv
+        return o, m_new, l_new, alpha_new, stash(p_new)
+
+    mid = jnp.maximum(n_full - 1, 0)          # steps before `mid` compute unmasked S_{j+1}
+    carry = (o, m, l, alpha, p)
+    carry = jax.lax.fori_loop(0, mid, functools.partial(step, masked=False), carry)
+    o, m, l, alpha, p = jax.lax.fori_loop(mid, n_blocks - 1, functools.partial(step, masked=True),
+                                          carry)
+
+    # ---- epilogue: P_{n-1} V_{n-1} ----
+    slot = jax.lax.rem(n_blocks - 1, S)
+    plgpu.barrier_wait(v_full.at[slot])
+    acquire()
+
+    def pv_last(acc):
+        plgpu.wgmma(acc, p_operand(p), v_smem.at[slot])
+        hand_over()
+        return acc[...]                                    # wait_n=0
+
+    pv = pl.run_scoped(pv_last, plgpu.ACC((_ROWS, D), jnp.float32))
+    plgpu.barrier_arrive(v_free.at[slot])
+    o = o * alpha[:, None] + pv
+    if pingpong:
+        @pl.when(wg == 0)
+        def _last_token():                                 # consumer 1's final hand-over
+            plgpu.barrier_wait(turn.at[0])
+    return o, m, l
+
+
 def mosaic_flash_fwd(q, k, v, st: AttnStatic, *, interpret: bool, num_slots: int = 2,
-                     p_via_smem: bool | None = None):
+                     p_via_smem: bool | None = None, schedule: str = "serial",
+                     detect_races: bool = False):
     """q [B, Tq_pad, Hq, D], k/v [B, Tk_pad, Hkv, D] (padded) -> (o like q, lse2 [B, Hq, Tq_pad]).
 
     Args:
@@ -253,10 +453,21 @@ def mosaic_flash_fwd(q, k, v, st: AttnStatic, *, interpret: bool, num_slots: int
       num_slots: depth of the K/V SMEM ring.
       p_via_smem: feed ``P`` to the ``P V`` wgmma from SMEM instead of registers; ``None``
         picks SMEM in interpret mode (the only option there) and registers when compiled.
+      schedule: consumer schedule, one of :data:`SCHEDULES` (module docstring): ``"serial"``,
+        ``"overlap"`` (intra-warpgroup: ``Q K_{j+1}^T`` issued before ``softmax(S_j)``'s
+        ``P_j V_j`` is awaited), ``"pingpong"`` (the two consumers' GEMM issues alternate)
+        or ``"overlap+pingpong"``.
+      detect_races: interpret mode only: run the interpreter's happens-before race detector
+        (``InterpretGPUParams(detect_races=True)``; races are reported by
+        ``jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call.get_races()``).
     """
     if p_via_smem is None:
         p_via_smem = bool(interpret)
-    _check(q, k, v, st, num_slots, interpret, p_via_smem)
+    _check(q, k, v, st, num_slots, interpret, p_via_smem, schedule)
+    if detect_races and not interpret:
+        raise ValueError("detect_races=True needs interpret=True (it is a feature of Mosaic GPU "
+                         "interpret mode)")
+    pingpong = _SCHEDULE_FLAGS[schedule][1]
     B, Tq_pad, Hq, D = q.shape
     nq = Tq_pad // _BLOCK_Q
     dtype = q.dtype
@@ -274,14 +485,17 @@ def mosaic_flash_fwd(q, k, v, st: AttnStatic, *, interpret: bool, num_slots: int
         plgpu.Barrier(num_arrivals=1, num_barriers=S),            # v slot full
         plgpu.Barrier(num_arrivals=2, num_barriers=S),            # k slot free
         plgpu.Barrier(num_arrivals=2, num_barriers=S),            # v slot free
+        (plgpu.Barrier(num_arrivals=1, num_barriers=2)            # ping-pong turn tokens
+         if pingpong else None),
     ]
-    if not p_via_smem:
-        del scratch[3]
+    present = [x is not None for x in scratch]
+    scratch = [x for x in scratch if x is not None]
 
     def body(q_ref, k_ref, v_ref, o_ref, lse_ref, *refs):
-        if not p_via_smem:
-            refs = refs[:3] + (None,) + refs[3:]
-        _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref, *refs, st=st, num_slots=S)
+        it = iter(refs)
+        refs = [next(it) if here else None for here in present]
+        _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref, *refs, st=st, num_slots=S,
+                  schedule=schedule)
 
     body.__name__ = "mosaic_flash_fwd"
     kernel = plgpu.kernel(
@@ -293,6 +507,6 @@ def mosaic_flash_fwd(q, k, v, st: AttnStatic, *, interpret: bool, num_slots: int
         grid_names=("qb", "h", "b"),
         num_threads=3,
         thread_name="wg",
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=plgpu.InterpretGPUParams(detect_races=detect_races) if interpret else None,
     )
     return kernel(q, k, v)

@@ -12,7 +12,17 @@ CPU (no GPU needed):
 * that the compiled variant (P fed to ``wgmma`` from registers, and the SMEM variant the
   interpreter runs) lowers for CUDA: Pallas -> Mosaic GPU layout inference -> NVVM dialect,
   which runs on CPU (PTX generation and the run itself need the GPU);
-* backend selection and the error cases.
+* the FA3 consumer schedules (``schedule=`` "overlap", "pingpong", "overlap+pingpong"; the
+  values test above runs "serial"): values on cases that hit every branch of the rotated loop
+  (a query block with no visible key, unmasked and masked steps, ring wrap, 1 slot), the
+  interpreter's race detector (``InterpretGPUParams(detect_races=True)``) on every schedule, and
+  that the CUDA lowering of the overlapped schedules contains ``wgmma.wait_group 1``. The
+  interpreter's barrier simulation is deadlock- and phase-checked (every completed phase of the
+  ping-pong "turn" barriers must be observed); its wgmma is synchronous and ignores ``wait_n``,
+  so the asynchronous ordering of the overlapped schedules is checked only by reasoning
+  (comments in ``mosaic_fwd._consumer_rotated``) and, on a GPU, by the compiled tests;
+* backend selection, the table's schedule column, the ``--tune`` sweep logic of
+  ``experiments/bench_attention.py`` (with a stub timer) and the error cases.
 
 GPU (``@pytest.mark.gpu``, and skipped unless the device has compute capability 9.x): the
 compiled kernel's values and gradients, and that ``backend=None`` picks it.
@@ -34,7 +44,7 @@ from pallas_kernels._common import AttnStatic
 import importlib
 fa_mod = importlib.import_module("pallas_kernels.flash_attention")
 from pallas_kernels.flash_attention import resolve_backend
-from pallas_kernels.mosaic_fwd import mosaic_flash_fwd
+from pallas_kernels.mosaic_fwd import SCHEDULES, mosaic_flash_fwd
 from tests.test_flash_attention import make_inputs, oracle, rel_err
 
 O_TOL = {"bfloat16": 1e-2, "float16": 2e-3}
@@ -119,6 +129,89 @@ def test_mosaic_fwd_interpret_values(case):
     _check_fwd(o, lse, q, k, v, st)
 
 
+ROTATED = [x for x in SCHEDULES if x != "serial"]
+SCHED_CASES = [
+    # causal, Tq >> Tk: query block 0 sees no key at all (the rotated loop runs one fully
+    # masked block), others only masked steps; GQA 2:1; single-slot ring.
+    (1, 300, 64, 2, 1, 64, True, "float16", 64, 1),
+    # non-causal ragged Tk: 5 key blocks, 4 unmasked steps then 1 masked; ring of 2 wraps; D=128
+    (1, 128, 300, 2, 1, 128, False, "bfloat16", 64, 2),
+]
+
+
+@pytest.mark.parametrize("case", SCHED_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("schedule", ROTATED)
+def test_mosaic_fwd_schedules_interpret(schedule, case):
+    B, Tq, Tk, Hq, Hkv, D, causal, dtype, bk, slots = case
+    st = _static(B, Tq, Tk, Hq, Hkv, D, causal, dtype, bk, interpret=True)
+    q, k, v = _padded_inputs(st, B, Hq, Hkv, dtype, seed=Tq + Tk + D)
+    o, lse = jax.jit(lambda q, k, v: mosaic_flash_fwd(q, k, v, st, interpret=True,
+                                                      num_slots=slots, schedule=schedule))(q, k, v)
+    _check_fwd(o, lse, q, k, v, st)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_mosaic_fwd_race_detector(schedule):
+    """No data race in any schedule, per the interpreter's happens-before race detector (which
+    does flag e.g. a consumer storing into its Q tile without waiting for Q's TMA barrier)."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
+    st = _static(1, 128, 192, 1, 1, 64, True, "bfloat16", 64, interpret=True)
+    q, k, v = _padded_inputs(st, 1, 1, 1, "bfloat16", seed=5)
+    o, lse = jax.jit(lambda q, k, v: mosaic_flash_fwd(
+        q, k, v, st, interpret=True, num_slots=2, schedule=schedule, detect_races=True))(q, k, v)
+    jax.block_until_ready((o, lse))
+    assert not mgpu_interpret.get_races().races_found
+    _check_fwd(o, lse, q, k, v, st)
+
+
+def test_flash_attention_uses_table_schedule(monkeypatch):
+    """The schedule column of the Mosaic table reaches the kernel (and gives correct values)."""
+    monkeypatch.setattr(fa_mod, "_MOSAIC_INTERPRET", (64, 2, "overlap+pingpong"))
+    cfg = fa_mod.mosaic_kernel_config(64, 200, interpret=True)
+    assert (cfg.block_k, cfg.num_stages, cfg.schedule) == (64, 2, "overlap+pingpong")
+    q, k, v, _ = make_inputs(11, 1, 100, 200, 2, 1, 64, jnp.bfloat16)
+    f = lambda q, k, v: flash_attention(q, k, v, causal=True, backend="mosaic", interpret=True)
+    # overlap: S_{j+1} is read with one wgmma group (P_j V_j) still in flight
+    assert "wait_n=1" in str(jax.make_jaxpr(f)(q, k, v))
+    o = jax.jit(f)(q, k, v)
+    st = _static(1, 100, 200, 2, 1, 64, True, "bfloat16", 64, interpret=True)
+    o_ref, _ = oracle_fwd(q, k, v, st)
+    assert rel_err(np.asarray(o, np.float64), o_ref) < O_TOL["bfloat16"]
+    monkeypatch.setattr(fa_mod, "_MOSAIC_INTERPRET", (64, 2, "fastest"))
+    with pytest.raises(ValueError, match="schedule 'fastest'"):
+        fa_mod.mosaic_kernel_config(64, 200, interpret=True)
+
+
+def test_table_defaults_serial_until_measured():
+    for D, (bk, slots, schedule) in fa_mod._MOSAIC_TABLE.items():
+        assert schedule == "serial", (D, schedule)   # flip only after a GPU measurement
+        assert fa_mod.mosaic_kernel_config(D, 4096, interpret=False).schedule == schedule
+
+
+def test_bench_tune_mosaic_sweeps_schedules(monkeypatch, capsys):
+    """``bench_attention.tune_mosaic`` times every (block_k, slots) x schedule and installs the
+    fastest (stub timer: the GPU timing itself needs a Hopper GPU)."""
+    from experiments import bench_attention as ba
+    fastest = (64, 2, "overlap+pingpong")
+
+    def fake_bench(impl, B, T, H, D, causal, dtype, reps, inner, interpret, fwd_bwd=True):
+        assert impl == "mosaic" and not fwd_bwd
+        cfg = fa_mod._MOSAIC_TABLE[D]
+        return {"fwd_ms": 1.0 if cfg == fastest else 2.0 + SCHEDULES.index(cfg[2])}
+
+    monkeypatch.setattr(ba, "bench_jax", fake_bench)
+    monkeypatch.setitem(fa_mod._MOSAIC_TABLE, 128, fa_mod._MOSAIC_TABLE[128])
+    recs = []
+    ba.tune_mosaic([128], 256, 512, 256, jnp.bfloat16, 1, 1, "cpu", recs)
+    want = {(bk, sl, sc) for sc in SCHEDULES for bk, sl in ba.MOSAIC_CANDIDATES[128]}
+    assert {tuple(r["config"]) for r in recs} == want
+    assert len(recs) == 2 * len(want)                        # causal and non-causal each
+    assert fa_mod._MOSAIC_TABLE[128] == fastest
+    assert "schedule pingpong" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown Mosaic schedules"):
+        ba.tune_mosaic([128], 256, 512, 256, jnp.bfloat16, 1, 1, "cpu", [], schedules=["fa4"])
+
+
 @pytest.mark.parametrize("B,Tq,Tk,Hq,Hkv,causal,dtype", [
     (1, 100, 150, 2, 1, True, "bfloat16"),
     (1, 96, 80, 2, 2, False, "float16"),
@@ -146,20 +239,24 @@ def test_flash_attention_mosaic_interpret_grads(B, Tq, Tk, Hq, Hkv, causal, dtyp
         assert rel_err(g, w) < tol, (name, rel_err(g, w))
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("D,block_k,slots,causal,p_via_smem", [
     (64, 128, 3, False, False),
     (128, 128, 2, True, False),
     (128, 64, 2, True, True),
 ])
-def test_mosaic_fwd_lowers_for_cuda(D, block_k, slots, causal, p_via_smem):
+def test_mosaic_fwd_lowers_for_cuda(D, block_k, slots, causal, p_via_smem, schedule):
     """Compiled path: Pallas -> Mosaic GPU (layout inference) -> NVVM dialect, no GPU needed."""
     st = _static(2, 1000, 1000, 4, 2, D, causal, "bfloat16", block_k, interpret=False)
     q = jax.ShapeDtypeStruct((2, st.Tq_pad, 4, D), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, st.Tk_pad, 2, D), jnp.bfloat16)
     fn = jax.jit(lambda q, k, v: mosaic_flash_fwd(q, k, v, st, interpret=False, num_slots=slots,
-                                                  p_via_smem=p_via_smem))
+                                                  p_via_smem=p_via_smem, schedule=schedule))
     text = fn.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+    # the overlapped schedules await only the older of two wgmma groups (S_{j+1}, not P_j V_j)
+    overlapped = "wgmma.wait_group.sync.aligned 1;" in text
+    assert overlapped == schedule.startswith("overlap"), schedule
 
 
 # ------------------------------------------------------------------------- backend / errors
@@ -226,6 +323,10 @@ def test_kernel_level_errors():
     qb, kb, vb = _padded_inputs(big, 1, 1, 1, jnp.bfloat16, seed=0)
     with pytest.raises(ValueError, match="SMEM"):
         mosaic_flash_fwd(qb, kb, vb, big, interpret=False, num_slots=3, p_via_smem=True)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        mosaic_flash_fwd(q, k, v, st, interpret=True, schedule="fa3")
+    with pytest.raises(ValueError, match="detect_races"):
+        mosaic_flash_fwd(qb, kb, vb, big, interpret=False, detect_races=True)
 
 
 # ------------------------------------------------------------------------- GPU (Hopper) only
@@ -239,14 +340,16 @@ GPU_FWD_CASES = [
 
 @pytest.mark.gpu
 @hopper_only
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("p_via_smem", [False, True], ids=["p_regs", "p_smem"])
 @pytest.mark.parametrize("case", GPU_FWD_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_mosaic_fwd_compiled_values(case, p_via_smem):
+def test_mosaic_fwd_compiled_values(case, p_via_smem, schedule):
     B, Tq, Tk, Hq, Hkv, D, causal, dtype, bk, slots = case
     st = _static(B, Tq, Tk, Hq, Hkv, D, causal, dtype, bk, interpret=False)
     q, k, v = _padded_inputs(st, B, Hq, Hkv, dtype, seed=Tq + Tk + D)
     o, lse = jax.jit(lambda q, k, v: mosaic_flash_fwd(
-        q, k, v, st, interpret=False, num_slots=slots, p_via_smem=p_via_smem))(q, k, v)
+        q, k, v, st, interpret=False, num_slots=slots, p_via_smem=p_via_smem,
+        schedule=schedule))(q, k, v)
     _check_fwd(o, lse, q, k, v, st)
 
 
