@@ -130,7 +130,7 @@ def run(cfg) -> list[dict]:
         sigma_data = float(data.std())
         for m_i, name in enumerate(cfg.methods.split(",")):
             method = make_method(name, sigma_data=sigma_data, ve_sigma_max=cfg.method.ve_sigma_max,
-                                 cfm_sigma=cfg.method.cfm_sigma)
+                                 cfm_sigma=cfg.method.cfm_sigma, sde_precond=cfg.method.sde_precond)
             t0 = time.perf_counter()
             params, final = train_method(method, model, data, cfg, jax.random.fold_in(k_data, m_i))
             train_s = time.perf_counter() - t0

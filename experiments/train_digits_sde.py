@@ -39,7 +39,7 @@ def build_method(cfg):
     s = cfg.sde
     return make_method(cfg.method, beta_min=s.beta_min, beta_max=s.beta_max, ve_sigma_max=s.ve_sigma_max,
                        likelihood_weighting=s.likelihood_weighting, sigma_data=s.sigma_data, P_mean=s.P_mean,
-                       P_std=s.P_std)
+                       P_std=s.P_std, sde_precond=s.precond)
 
 
 def digits_bits_per_dim(method, model_fn, params, images, key, *, divergence: str, rtol: float):

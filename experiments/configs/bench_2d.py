@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict()
     c.method.ve_sigma_max = 10.0  # ~ the largest pairwise distance of the toy data (score_sde's rule)
     c.method.cfm_sigma = 0.1
+    # score-SDE epsilon network: "edm" = c_skip x + c_out F(c_in x, t) with sigma_data = data std (default;
+    # fixes the poor VP / sub-VP probability-flow ODE samples), "none" = raw eps network (score_sde)
+    c.method.sde_precond = "edm"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 4000
@@ -67,5 +70,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         check(m in METHODS, f"methods: unknown method {m!r}; expected a subset of {METHODS}")
     for d in c.datasets.split(","):
         check(d in DATASETS, f"datasets: unknown dataset {d!r}; expected a subset of {DATASETS}")
+    check(c.method.sde_precond in ("edm", "none"),
+          f"method.sde_precond must be 'edm' or 'none', got {c.method.sde_precond!r}")
     check(c.eval.sde_grid in ("uniform", "karras"), f"eval.sde_grid must be 'uniform' or 'karras', got {c.eval.sde_grid!r}")
     check(0.0 <= c.train.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {c.train.ema_decay}")

@@ -60,7 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sde.beta_max = 20.0
     c.sde.ve_sigma_max = 20.0  # ~ the largest distance between two digits in [-1, 1]^64 space
     c.sde.likelihood_weighting = False
-    c.sde.sigma_data = 0.5  # EDM
+    c.sde.sigma_data = 0.5  # EDM, and the score-SDE epsilon preconditioning
+    # score-SDE epsilon network: "edm" = c_skip x + c_out F(c_in x, t) (default), "none" = raw eps (score_sde)
+    c.sde.precond = "edm"
     c.sde.P_mean = -1.2
     c.sde.P_std = 1.2
 
@@ -87,6 +89,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check_positive(c, "train.warmup_steps", "train.ema_half_life_images", "sample.guidance", "eval.bpd_images",
                    allow_zero=True)
     check_choice(c, "sample.method", ["euler", "heun", "rk4"])
+    check_choice(c, "sde.precond", ["edm", "none"])
     check_choice(c, "eval.bpd_divergence", ["exact", "rademacher", "gaussian"])
     check(c.train.warmup_steps < c.train.num_steps, "train.warmup_steps must be < train.num_steps")
     check(8 % c.model.patch_size == 0, f"model.patch_size must divide 8, got {c.model.patch_size}")

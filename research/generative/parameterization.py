@@ -100,3 +100,38 @@ def as_edm_denoiser(fn: Callable, path: GaussianPath, *, src: str) -> Callable:
 def model_as_fn(model_fn: Callable, params, cond=None) -> Callable:
     """``(x, t) -> model_fn(params, x, t, cond, None)`` (inference call)."""
     return lambda x, t: model_fn(params, x, t, cond, None)
+
+
+def eps_precond(path: GaussianPath, t, sigma_data: float):
+    """(c_skip, c_out, c_in) of the preconditioned epsilon model on a Gaussian path.
+
+    eps_hat(x_t, t) = c_skip x_t + c_out F(c_in x_t, t) with v = alpha^2 sigma_data^2 + sigma^2:
+      c_skip = sigma / v            (E[eps | x_t] exactly when x_0 ~ N(0, sigma_data^2 I)),
+      c_out  = alpha sigma_data / sqrt(v)   (the std of eps given x_t for that Gaussian),
+      c_in   = 1 / sqrt(v)          (unit-variance network input).
+    This is EDM's (c_skip, c_out, c_in) written for x_t = alpha (x_0 + (sigma / alpha) eps): the
+    network F only models the non-Gaussian residual, so an error in F moves x0_hat by at most about
+    sigma_data |F error| at every noise level. Without it (raw eps prediction) x0_hat's error is
+    (sigma / alpha) |eps error|, which is ~150x the eps error at t = 1 of the VP SDE -- the
+    probability-flow ODE carries that error to the data end (the reverse SDE's noise damps it).
+    """
+    if not sigma_data > 0:
+        raise ValueError(f"eps_precond: sigma_data must be > 0, got {sigma_data}")
+    a, s = path.alpha(t), path.sigma(t)
+    v = a ** 2 * sigma_data ** 2 + s ** 2
+    return s / v, a * sigma_data / jnp.sqrt(v), 1.0 / jnp.sqrt(v)
+
+
+def preconditioned_eps_model(model_fn: Callable, path: GaussianPath, sigma_data: float) -> Callable:
+    """``model_fn(params, x, t, cond, key) -> F`` wrapped as ``(params, x, t, cond, key) -> eps_hat`` with
+    ``eps_precond`` (the network sees c_in x_t and the path time t)."""
+    if not sigma_data > 0:
+        raise ValueError(f"preconditioned_eps_model: sigma_data must be > 0, got {sigma_data}")
+
+    def fn(params, x, t, cond, key):
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        c_skip, c_out, c_in = eps_precond(path, t, sigma_data)
+        f = model_fn(params, _bc(c_in, x) * x, t, cond, key).astype(jnp.float32)
+        return _bc(c_skip, x) * x + _bc(c_out, x) * f
+
+    return fn
