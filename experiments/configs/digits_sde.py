@@ -12,7 +12,7 @@ under the unconditional (null-label) model: PF-ODE likelihood with the Hutchinso
 uniformly dequantised data (17 intensity levels, bins of width 1/8 in model space, so a uniform
 model scores log2(17) = 4.09 bits/dim; see research/generative/likelihood.py).
 Expected runtime: ~10 min each on 2 CPU cores (training ~7-8 min). Measured numbers in
-docs/readme_parts/generative.md.
+README.md ("Digits with the flagship DiT").
 """
 import ml_collections
 
