@@ -21,6 +21,7 @@ Usage:
   python experiments/bench_train_step.py                       # CPU, small configs
   python3 experiments/bench_train_step.py --gpu --json $OUT/train_step.json   # GPU, bf16, MFU
   python experiments/bench_train_step.py --configs cpu-small --impls jax,torch_eager --repeats 3
+  python experiments/bench_train_step.py --cpu-cores 1 --torch-threads 1   # equal cores: both on one core
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ if __package__ in (None, ""):  # `python experiments/bench_train_step.py` from t
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 IMPLS = ("jax", "torch_eager", "torch_compile")
+# opt-in extra: the JAX step with Flax's plain Dense matmul (autodiff weight gradients), i.e. without
+# research.nn.layers.dense_dot_general -- the state before the CPU fix, for a before/after in one run
+EXTRA_IMPLS = ("jax_autodiff_dense",)
 H100_BF16_DENSE_FLOPS = 989e12
 
 # name -> (DiT kwargs, batch size). cpu-small has the digits' shape (8x8x1, 16 tokens) at hidden 128,
@@ -90,7 +94,8 @@ class Runner:
     info: dict
 
 
-def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: int, scan_blocks: bool = True) -> Runner:
+def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: int, scan_blocks: bool = True,
+              plain_dense: bool = False) -> Runner:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -102,8 +107,10 @@ def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: in
     from research.train.step import make_train_step
 
     dtype = jnp.bfloat16 if gpu else jnp.float32
+    # jax: DiT(custom_matmul_vjp=True), the Dense weight-gradient fix for XLA:CPU (a no-op on GPU);
+    # jax_autodiff_dense: Flax's plain Dense (autodiff of lax.dot_general), for the before/after.
     model = DiT(**model_kw, num_classes=NUM_CLASSES, class_dropout_prob=CLASS_DROPOUT, attn_impl=attn_impl,
-                dtype=dtype, scan_blocks=scan_blocks)
+                dtype=dtype, scan_blocks=scan_blocks, custom_matmul_vjp=not plain_dense)
     k_init, k_state = jax.random.split(jax.random.key(seed))
     params = jax.jit(lambda k: init_dit(model, k))(k_init)
     model_fn = make_model_fn(model)
@@ -144,8 +151,9 @@ def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: in
 
     # (XLA's cost_analysis is not used for FLOPs: it counts a scanned block's body once, not depth times)
     info = {"compile_s": compile_s, "dtype": "bfloat16" if gpu else "float32",
-            "attn_impl": attn_impl, "scan_blocks": scan_blocks, "jax_backend": jax.default_backend()}
-    return Runner("jax", run, peak, info)
+            "attn_impl": attn_impl, "scan_blocks": scan_blocks, "jax_backend": jax.default_backend(),
+            "dense_matmul": "lax.dot_general (autodiff)" if plain_dense else "dense_dot_general"}
+    return Runner("jax_autodiff_dense" if plain_dense else "jax", run, peak, info)
 
 
 def _tensor_bytes(tensors) -> int:
@@ -272,7 +280,25 @@ def _torch_threads() -> int:
 
 
 def _xla_threads() -> int:
-    return 1 if "xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", "") else len(os.sched_getaffinity(0))
+    """Cores XLA:CPU may use: its intra-op pool (YNNPACK dots, the thunk executor's concurrent
+    thunks) has one thread per core of the process's affinity mask, whatever
+    ``--xla_cpu_multi_thread_eigen`` says (that flag only keeps Eigen's own kernels on one thread)."""
+    return len(os.sched_getaffinity(0))
+
+
+def pin_cpu_cores(n: int) -> list[int]:
+    """Restricts this process to ``n`` of its allowed cores: every existing thread and (inherited)
+    every thread created later. The way to give XLA:CPU and torch the same number of cores."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if not 1 <= n <= len(allowed):
+        raise ValueError(f"--cpu-cores must be between 1 and the {len(allowed)} cores this process may use, got {n}")
+    cores = set(allowed[:n])
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+    return sorted(cores)
 
 
 def _peak_flops(device: str, override_tflops: float | None) -> float | None:
@@ -292,8 +318,9 @@ def bench_config(name: str, impls, *, gpu: bool, repeats: int, target_s: float, 
     for impl in impls:
         t0 = time.perf_counter()
         try:
-            if impl == "jax":
-                r = build_jax(model_kw, batch, gpu=gpu, attn_impl=attn_impl, seed=seed, scan_blocks=scan_blocks)
+            if impl in ("jax", "jax_autodiff_dense"):
+                r = build_jax(model_kw, batch, gpu=gpu, attn_impl=attn_impl, seed=seed, scan_blocks=scan_blocks,
+                              plain_dense=impl == "jax_autodiff_dense")
             else:
                 r = build_torch(model_kw, batch, gpu=gpu, compile=impl == "torch_compile", seed=seed)
             r.run(2)  # warm-up
@@ -319,6 +346,7 @@ def bench_config(name: str, impls, *, gpu: bool, repeats: int, target_s: float, 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     cfg = {"name": name, "model": model_kw, "batch_size": batch, "precision": "bf16" if gpu else "fp32",
            "torch_threads": _torch_threads(), "xla_cpu_threads": None if gpu else _xla_threads(),
+           "cpu_cores": len(os.sched_getaffinity(0)), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "load_average": os.getloadavg()[0]}
     for impl in impls:
         rec = {"impl": impl, "device": device, "config": cfg, "steps_per_s": None, "peak_bytes": None,
@@ -337,6 +365,13 @@ def bench_config(name: str, impls, *, gpu: bool, repeats: int, target_s: float, 
     return records
 
 
+def paired_ratio(a: dict | None, b: dict | None) -> float | None:
+    """Median over rounds of ``a``'s steps/s over ``b``'s in the same round (None if either failed)."""
+    if not a or not b or not a.get("steps_per_s") or not b.get("steps_per_s"):
+        return None
+    return statistics.median(x / y for x, y in zip(a["steps_per_s_repeats"], b["steps_per_s_repeats"]))
+
+
 def format_table(records: list[dict]) -> str:
     def mib(b):
         return f"{b / 2**20:.1f}" if b else "-"
@@ -351,18 +386,25 @@ def format_table(records: list[dict]) -> str:
         note = f"compile {r['compile_s']:.1f}s" if r.get("compile_s") else ""
         lines.append(f"| {r['config']['name']} | {r['impl']} | {r['steps_per_s']:.2f} | {r['ms_per_step']:.1f} | "
                      f"{mib(r['peak_bytes'])} | {r['achieved_tflops']:.3g} | {mfu} | {note} |")
-    lines += ["", "| config | jax / torch_eager (target >= 1.5) | jax / torch_compile (target >= 1.1) |",
-              "|---|---|---|"]
+    with_plain = any(r["impl"] == "jax_autodiff_dense" for r in records)
+    lines += ["", "Ratios of steps/s: median over the interleaved rounds of the per-round ratio (the rounds of one "
+              "impl and the next run back to back, so they share the machine's load); in brackets the ratio of "
+              "the medians.", "",
+              "| config | jax / torch_eager (target >= 1.5) | jax / torch_compile (target >= 1.1) |"
+              + (" jax / jax_autodiff_dense |" if with_plain else ""),
+              "|---|---|---|" + ("---|" if with_plain else "")]
     by_cfg: dict[str, dict[str, Any]] = {}
     for r in records:
-        by_cfg.setdefault(r["config"]["name"], {})[r["impl"]] = r.get("steps_per_s")
+        by_cfg.setdefault(r["config"]["name"], {})[r["impl"]] = r
     for name, d in by_cfg.items():
-        def ratio(other, target):
-            if not d.get("jax") or not d.get(other):
+        def ratio(other, target=None):
+            p = paired_ratio(d.get("jax"), d.get(other))
+            if p is None:
                 return "-"
-            q = d["jax"] / d[other]
-            return f"{q:.2f}x {'ok' if q >= target else 'BELOW'}"
-        lines.append(f"| {name} | {ratio('torch_eager', 1.5)} | {ratio('torch_compile', 1.1)} |")
+            q = d["jax"]["steps_per_s"] / d[other]["steps_per_s"]
+            return f"{p:.2f}x" + ("" if target is None else f" {'ok' if p >= target else 'BELOW'}") + f" ({q:.2f}x)"
+        lines.append(f"| {name} | {ratio('torch_eager', 1.5)} | {ratio('torch_compile', 1.1)} |"
+                     + (f" {ratio('jax_autodiff_dense')} |" if with_plain else ""))
     return "\n".join(lines)
 
 
@@ -371,7 +413,8 @@ def parse_args(argv=None):
     p.add_argument("--gpu", action="store_true", help="run on CUDA (bf16); automatic when torch sees a GPU")
     p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
     p.add_argument("--configs", default=None, help=f"comma-separated presets from {sorted(PRESETS)}")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    p.add_argument("--impls", default=",".join(IMPLS),
+                   help=f"comma-separated subset of {IMPLS + EXTRA_IMPLS} (default: {','.join(IMPLS)})")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; steps/s is the median")
     p.add_argument("--target-seconds", type=float, default=None, help="length of one timed repeat per impl")
     p.add_argument("--attn-impl", default=None, help="JAX attention impl (default xla; cudnn on GPU if available)")
@@ -380,14 +423,18 @@ def parse_args(argv=None):
     p.add_argument("--jax-scan-blocks", type=int, choices=(0, 1), default=1,
                    help="JAX DiT scan_blocks (1, the flagship default: nn.scan over blocks; 0: unrolled)")
     p.add_argument("--xla-single-thread", action="store_true",
-                   help="CPU: run XLA single-threaded (sets XLA_FLAGS before JAX is imported)")
+                   help="CPU: --xla_cpu_multi_thread_eigen=false (Eigen kernels on one thread; XLA's YNNPACK "
+                        "dots and concurrent thunks still use one thread per core: use --cpu-cores for equal cores)")
+    p.add_argument("--cpu-cores", type=int, default=None,
+                   help="pin the whole process (JAX and torch) to this many cores, e.g. 1 with --torch-threads 1 "
+                        "for an equal-resources comparison")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the records (one per impl and config) to this file")
     args = p.parse_args(argv)
     impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
-    bad = [i for i in impls if i not in IMPLS]
+    bad = [i for i in impls if i not in IMPLS + EXTRA_IMPLS]
     if bad or not impls:
-        p.error(f"unknown impls {bad}; choose from {IMPLS}")
+        p.error(f"unknown impls {bad}; choose from {IMPLS + EXTRA_IMPLS}")
     if args.configs is not None:
         cfgs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
         bad = [c for c in cfgs if c not in PRESETS]
@@ -395,12 +442,16 @@ def parse_args(argv=None):
             p.error(f"unknown configs {bad}; choose from {sorted(PRESETS)}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.cpu_cores is not None and not 1 <= args.cpu_cores <= len(os.sched_getaffinity(0)):
+        p.error(f"--cpu-cores must be between 1 and {len(os.sched_getaffinity(0))} (the cores this process may use)")
     args.impls = impls
     return args
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.cpu_cores is not None:  # before torch and JAX start their thread pools
+        pin_cpu_cores(args.cpu_cores)
     import torch
 
     if args.gpu and args.cpu:
@@ -415,8 +466,7 @@ def main(argv=None) -> list[dict]:
     if args.xla_single_thread:
         if "jax" in sys.modules:
             raise SystemExit("--xla-single-thread must be set before JAX is imported (run the script directly)")
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                                   " intra_op_parallelism_threads=1").strip()
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     import jax
 
     if gpu and jax.default_backend() != "gpu":
@@ -433,10 +483,11 @@ def main(argv=None) -> list[dict]:
     target_s = args.target_seconds or (1.0 if gpu else 3.0)
     device = _device_name(gpu)
     peak_flops = _peak_flops(device, args.peak_tflops) if gpu else None
-    xla_threads = 1 if args.xla_single_thread else len(os.sched_getaffinity(0))
     print(f"device: {device}; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"(threads {torch.get_num_threads()}); XLA CPU threads {xla_threads}; attention: jax {attn_impl}, "
-          f"torch sdpa; load average {os.getloadavg()[0]:.1f}")
+          f"(threads {torch.get_num_threads()}); process on {len(os.sched_getaffinity(0))} core(s)"
+          f"{' (--cpu-cores)' if args.cpu_cores else ''}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; attention: jax {attn_impl}, torch sdpa; "
+          f"load average {os.getloadavg()[0]:.1f}")
     records = []
     for name in configs:
         print(f"config {name}: {PRESETS[name][0]} batch {PRESETS[name][1]}", flush=True)

@@ -85,3 +85,23 @@ def write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=default)
         f.write("\n")
+
+
+def write_digit_samples_and_metrics(run_dir: str, x, labels, cfg, *, title: str):
+    """Save model-space digit samples ``x [N, 8, 8, 1]`` (``samples.npz`` on the 0..16 scale,
+    ``samples.png`` one row per class) and score them with the digits evaluator built from the
+    config's data split (``cfg.data``, ``cfg.eval.pca_components``, ``cfg.sample.grid_columns``).
+
+    Returns ``(images_0_16, labels, metrics)``.
+    """
+    from research.data.digits import to_0_16
+    from research.eval.digits import DigitsEvaluator
+
+    imgs = to_0_16(np.asarray(x)[..., 0])
+    y = np.asarray(labels)
+    np.savez_compressed(os.path.join(run_dir, "samples.npz"), images=imgs.astype(np.float32), labels=y)
+    save_image_grid(os.path.join(run_dir, "samples.png"), imgs, y, columns=cfg.sample.grid_columns,
+                    title=title)
+    evaluator = DigitsEvaluator.from_split(seed=cfg.data.split_seed, test_fraction=cfg.data.test_fraction,
+                                           n_components=cfg.eval.pca_components)
+    return imgs, y, evaluator.evaluate(imgs, y)

@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (
-    close_text_log, resolve_run_dir, save_image_grid, setup_text_log, write_json,
+    close_text_log, resolve_run_dir, setup_text_log, write_digit_samples_and_metrics, write_json,
 )
-from research.data.digits import NUM_CLASSES, load_digits, to_0_16
+from research.data.digits import NUM_CLASSES, load_digits
 from research.data.iterators import batch_iterator
-from research.eval.digits import DigitsEvaluator
 from research.generative.losses import rectified_flow_loss
 from research.generative.samplers import guided, ode_sample
 from research.nn.dit import DiT, init_dit, make_model_fn
@@ -143,17 +142,11 @@ def _run(cfg, run_dir, log, t_start) -> dict:
     sample_params = state.ema_params if use_ema else state.params
     x, y = jax.block_until_ready(sampler(sample_params, k_sample))
     sample_time = time.perf_counter() - t_sample
-    imgs = to_0_16(np.asarray(x)[..., 0])
-    y = np.asarray(y)
-    np.savez_compressed(os.path.join(run_dir, "samples.npz"), images=imgs.astype(np.float32), labels=y)
-    save_image_grid(os.path.join(run_dir, "samples.png"), imgs, y, columns=sc.grid_columns,
-                    title=f"{cfg.name}: {sc.method} {sc.num_steps} steps, CFG w={sc.guidance}")
 
-    # ---- metrics
+    # ---- artefacts and metrics
     t_eval = time.perf_counter()
-    evaluator = DigitsEvaluator.from_split(seed=cfg.data.split_seed, test_fraction=cfg.data.test_fraction,
-                                           n_components=cfg.eval.pca_components)
-    metrics = evaluator.evaluate(imgs, y)
+    imgs, y, metrics = write_digit_samples_and_metrics(
+        run_dir, x, y, cfg, title=f"{cfg.name}: {sc.method} {sc.num_steps} steps, CFG w={sc.guidance}")
     metrics.update({
         "final_loss": final_loss,
         "steps": int(state.step),

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import close_text_log, resolve_run_dir, save_image_grid, setup_text_log, write_json
+from experiments.common import (close_text_log, resolve_run_dir, setup_text_log,
+                                write_digit_samples_and_metrics, write_json)
 from experiments.train_digits_rf import build_model
 from research.data.digits import NUM_CLASSES, load_digits, to_0_16
 from research.data.iterators import batch_iterator
-from research.eval.digits import DigitsEvaluator
 from research.generative.likelihood import bits_per_dim, dequantize, digits_dequantization
 from research.generative.methods import make_method
 from research.generative.samplers import guided_model_fn
@@ -127,16 +127,10 @@ def _run(cfg, name, run_dir, log) -> dict:
         raise ValueError(f"sample.method {sc.method!r} is not supported for EDM (use heun)")
     x, nfe = jax.block_until_ready(sampler(params, k_sample))
     sample_time = time.perf_counter() - t_sample
-    imgs = to_0_16(np.asarray(x)[..., 0])
-    y = np.asarray(ys)
-    np.savez_compressed(os.path.join(run_dir, "samples.npz"), images=imgs.astype(np.float32), labels=y)
-    save_image_grid(os.path.join(run_dir, "samples.png"), imgs, y, columns=sc.grid_columns,
-                    title=f"{name}: {sc.method} NFE {int(nfe)}, CFG w={sc.guidance}")
 
     t_eval = time.perf_counter()
-    evaluator = DigitsEvaluator.from_split(seed=cfg.data.split_seed, test_fraction=cfg.data.test_fraction,
-                                           n_components=cfg.eval.pca_components)
-    metrics = evaluator.evaluate(imgs, y)
+    imgs, y, metrics = write_digit_samples_and_metrics(
+        run_dir, x, ys, cfg, title=f"{name}: {sc.method} NFE {int(nfe)}, CFG w={sc.guidance}")
     if cfg.eval.bpd_images > 0:
         test_images, _ = load_digits("test", seed=cfg.data.split_seed, test_fraction=cfg.data.test_fraction)
         bpd, bpd_nfe = digits_bits_per_dim(method, model_fn, params, test_images[:cfg.eval.bpd_images], k_bpd,

@@ -66,3 +66,187 @@ def test_bad_arguments():
         bench.parse_args(["--impls", "jax,tensorflow"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--configs", "huge"])
+
+
+def test_cpu_cores_argument_and_pinning():
+    import os
+    import subprocess
+    import sys
+
+    n = len(os.sched_getaffinity(0))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cpu-cores", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cpu-cores", str(n + 1)])
+    # in a child process (pinning this one would slow the rest of the session): every thread,
+    # including the ones JAX started before the call, ends up on the one core
+    code = ("import os, jax, jax.numpy as jnp; jnp.ones(3).block_until_ready();"
+            "from experiments.bench_train_step import pin_cpu_cores; cores = pin_cpu_cores(1);"
+            "masks = {tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir('/proc/self/task')};"
+            "print(cores, masks)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout.strip()
+    cores, masks = out.split(" ", 1)[0], out.split(" ", 1)[1]
+    first = min(os.sched_getaffinity(0))
+    assert cores == f"[{first}]" and masks == f"{{({first},)}}", out
+
+
+# ---------------------------------------------------------------- the CPU fix: Dense's matmul VJP
+@pytest.mark.parametrize("shape,features", [((6, 5), 3), ((6, 3), 5), ((2, 4, 5), 7), ((2, 4, 9), 4)])
+def test_dense_dot_general_matches_float64_gradients(shape, features):
+    """Both weight-gradient branches (transposing x when in_features <= out_features, else g) and
+    2-D/3-D inputs: values and gradients of Dense(dot_general=dense_dot_general) equal float64
+    autodiff of the plain Dense with the same parameters."""
+    import flax.linen as nn
+
+    from research.nn.layers import dense_dot_general
+
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    ours = nn.Dense(features, dot_general=dense_dot_general)
+    plain = nn.Dense(features)
+    p = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, plain.init(jax.random.key(1), x))
+
+    def loss(model, p, x):
+        return jnp.sum(jnp.sin(model.apply(p, x)) * jnp.arange(features, dtype=x.dtype))
+
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+        x64 = np.asarray(x, np.float64)
+        ref = jax.grad(lambda p, x: loss(nn.Dense(features, dtype=jnp.float64, param_dtype=jnp.float64), p, x),
+                       argnums=(0, 1))(p64, x64)
+    got = jax.jit(jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1)))(p, x)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(r), rtol=2e-5, atol=2e-6)
+
+
+def test_dense_dot_general_avoids_transposed_lhs_dots_on_cpu():
+    """The mechanism of the fix: in the compiled gradient the weight gradient is no longer a dot
+    whose lhs contracts its first axis (XLA:CPU sends those to Eigen, slower than YNNPACK);
+    plain nn.Dense produces one (if a future XLA stops doing so, the workaround may be unneeded)."""
+    import re
+
+    import flax.linen as nn
+
+    from research.nn.layers import dense_dot_general
+
+    x = jnp.ones((4, 32, 64), jnp.float32)
+    pattern = re.compile(r"dot\([^)]*\), lhs_contracting_dims=\{0\}")
+
+    def hlo(model):
+        p = model.init(jax.random.key(0), x)
+        g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2)))
+        return g.lower(p).compile().as_text()
+
+    assert pattern.search(hlo(nn.Dense(128)))
+    assert not pattern.search(hlo(nn.Dense(128, dot_general=dense_dot_general)))
+    assert not pattern.search(hlo(nn.Dense(16, dot_general=dense_dot_general)))  # the g-transposed branch
+
+
+def test_dense_dot_general_other_contractions_fall_through():
+    from research.nn.layers import dense_dot_general
+
+    a = jax.random.normal(jax.random.key(0), (3, 4, 5))
+    b = jax.random.normal(jax.random.key(1), (3, 5, 2))
+    dims = (((2,), (1,)), ((0,), (0,)))  # a batched contraction: not Dense's pattern
+    np.testing.assert_array_equal(dense_dot_general(a, b, dims), jax.lax.dot_general(a, b, dims))
+    ga = jax.grad(lambda a: jnp.sum(dense_dot_general(a, b, dims) ** 2))(a)
+    gr = jax.grad(lambda a: jnp.sum(jax.lax.dot_general(a, b, dims) ** 2))(a)
+    np.testing.assert_array_equal(ga, gr)
+
+
+def test_train_step_same_with_and_without_dense_dot_general():
+    """Three full train steps (loss, grads, clip, AdamW, EMA) of the tiny DiT, scanned and unrolled:
+    the custom Dense matmul VJP and Flax's plain dot_general give the same params and metrics
+    (float32 summation-order tolerance)."""
+    from research.generative.losses import rectified_flow_loss
+    from research.nn.dit import make_model_fn
+    from research.train.optim import make_optimizer
+    from research.train.state import create_train_state
+    from research.train.step import make_train_step
+
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.standard_normal((8, 8, 8, 1)), jnp.float32),
+             "y": jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+    for scan in (True, False):
+        models = {c: DiT(**bench.PRESETS["tiny"][0], scan_blocks=scan, custom_matmul_vjp=c)
+                  for c in (True, False)}
+        params = init_dit(models[True], jax.random.key(0))
+        params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), params)  # zero-init layers live
+        opt = make_optimizer(**bench.HPARAMS)
+
+        def run(plain):
+            model_fn = make_model_fn(models[not plain])
+
+            def loss_fn(p, b, key):
+                return rectified_flow_loss(model_fn, p, b["x"], key, cond=b["y"])
+
+            step = make_train_step(loss_fn, opt, ema_decay=0.9, donate=False)
+            state = create_train_state(params, opt, jax.random.key(1), ema=True)
+            compiled = step.lower(state, batch).compile()
+            metrics = []
+            for _ in range(3):
+                state, m = compiled(state, batch)
+                metrics.append(m)
+            return state, metrics
+
+        (s_new, m_new), (s_old, m_old) = run(False), run(True)
+        for a, b in zip(m_new, m_old):
+            np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
+            np.testing.assert_allclose(float(a["grad_norm"]), float(b["grad_norm"]), rtol=1e-4)
+        for a, b in zip(jax.tree.leaves(s_new.params), jax.tree.leaves(s_old.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_path_jax_side_builds_on_cpu():
+    """What --gpu changes on the JAX side (bf16 DiT with float32 params) compiles and steps on CPU with
+    the xla attention (cudnn needs a GPU), so a GPU session does not find a crash there first."""
+    model_kw, batch = bench.PRESETS["tiny"]
+    r = bench.build_jax(model_kw, batch, gpu=True, attn_impl="xla", seed=0)
+    r.run(2)
+    assert r.info["dtype"] == "bfloat16" and r.peak_bytes()["peak_bytes"] > 0
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        if not torch.cuda.is_available():
+            bench.main(["--gpu", "--configs", "tiny"])
+        else:
+            raise SystemExit("no CUDA device (skipped: a GPU is present)")
+
+
+@pytest.mark.parametrize("policy", ["dots_saveable", "dots_with_no_batch_dims_saveable", "full"])
+def test_remat_policies_keep_their_meaning_with_dense_dot_general(policy):
+    """The custom VJP hides the Dense dot from the dots_* policies; the DiT then uses the plain matmul
+    in its blocks, so every policy keeps the activation memory it had with Flax's Dense (up to the
+    few bytes of the transposed copies of the Denses outside the blocks; with the custom VJP inside
+    the blocks the dots_* policies lose ~10 % here, as they then save no Dense output)."""
+    models = {c: DiT(**bench.PRESETS["tiny"][0], remat_policy=policy, custom_matmul_vjp=c)
+              for c in (True, False)}
+    params = init_dit(models[True], jax.random.key(0))
+    x, t, y = jnp.ones((4, 8, 8, 1)), jnp.ones(4), jnp.zeros(4, jnp.int32)
+
+    def temp(plain):
+        model = models[not plain]
+        g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t, y) ** 2)))
+        return g.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    ours, plain = temp(False), temp(True)
+    assert abs(ours - plain) <= 0.01 * plain, (ours, plain)
+
+
+def test_custom_matmul_vjp_is_opt_in_and_forward_mode_needs_it_off():
+    """The DiT's default keeps forward-mode autodiff (jax.jvp, used by the PF-ODE likelihood); the
+    custom-VJP Dense (opt-in) has none, and JAX says so."""
+    model_kw = bench.PRESETS["tiny"][0]
+    x, t, y = jnp.ones((2, 8, 8, 1)), jnp.full(2, 0.5), jnp.zeros(2, jnp.int32)
+    assert DiT(**model_kw).custom_matmul_vjp is False
+    for custom in (False, True):
+        model = DiT(**model_kw, custom_matmul_vjp=custom)
+        params = jax.tree.map(lambda p: p + 0.05, init_dit(model, jax.random.key(0)))
+        f = lambda x: model.apply({"params": params}, x, t, y)  # noqa: E731
+        if custom:
+            with pytest.raises(TypeError, match="custom_vjp"):
+                jax.jvp(f, (x,), (jnp.ones_like(x),))
+        else:
+            _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+            assert np.all(np.isfinite(np.asarray(tangent)))

@@ -15,58 +15,20 @@ A rerun with the same run_dir resumes from its latest checkpoint (delete the fol
 """
 import ml_collections
 
+from experiments.configs.digits_common import digits_config
 from research.train.config import check, check_choice, check_positive, check_range
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+    c = digits_config(hidden_size=64, num_steps=2500, checkpoint_every=500)
     c.name = "digits_rf"
-    c.run_dir = ""  # empty: runs/<name>
-    c.seed = 0
-
-    c.data = ml_collections.ConfigDict()
-    c.data.split_seed = 0
-    c.data.test_fraction = 0.2
-
-    c.model = ml_collections.ConfigDict()
-    c.model.patch_size = 2
-    c.model.hidden_size = 64
-    c.model.depth = 4
-    c.model.num_heads = 4
-    c.model.mlp_ratio = 4.0
-    c.model.class_dropout_prob = 0.1
-    c.model.qk_norm = True
-    c.model.attn_impl = "xla"
-    c.model.remat_policy = "none"
-    c.model.scan_blocks = True
-
-    c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 2500
     c.train.stop_at_step = 0  # >0: stop after this step (simulated pre-emption; schedule still uses num_steps)
-    c.train.batch_size = 128
-    c.train.learning_rate = 1e-3
-    c.train.warmup_steps = 200
-    c.train.weight_decay = 0.01
-    c.train.clip_norm = 1.0
-    c.train.ema_half_life_images = 20000.0  # 0: no EMA (samples from the raw params)
     c.train.timestep_dist = "logit_normal"
     c.train.timestep_loc = 0.0
     c.train.timestep_scale = 1.0
-    c.train.log_every = 100
-    c.train.checkpoint_every = 500
-    c.train.keep_checkpoints = 2
-    c.train.progress = True
     c.train.tensorboard = False
-
-    c.sample = ml_collections.ConfigDict()
-    c.sample.per_class = 64
     c.sample.num_steps = 20
-    c.sample.method = "heun"
     c.sample.guidance = 1.5
-    c.sample.grid_columns = 16
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.pca_components = 16
     return c
 
 

@@ -16,44 +16,14 @@ README.md ("Digits with the flagship DiT").
 """
 import ml_collections
 
+from experiments.configs.digits_common import digits_config
 from research.train.config import check, check_choice, check_positive
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+    c = digits_config(hidden_size=96, num_steps=3000, checkpoint_every=1000)
     c.name = ""  # empty: digits_<method>
     c.method = "vp"
-    c.run_dir = ""  # empty: runs/<name>
-    c.seed = 0
-
-    c.data = ml_collections.ConfigDict()
-    c.data.split_seed = 0
-    c.data.test_fraction = 0.2
-
-    c.model = ml_collections.ConfigDict()
-    c.model.patch_size = 2
-    c.model.hidden_size = 96
-    c.model.depth = 4
-    c.model.num_heads = 4
-    c.model.mlp_ratio = 4.0
-    c.model.class_dropout_prob = 0.1
-    c.model.qk_norm = True
-    c.model.attn_impl = "xla"
-    c.model.remat_policy = "none"
-    c.model.scan_blocks = True
-
-    c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 3000
-    c.train.batch_size = 128
-    c.train.learning_rate = 1e-3
-    c.train.warmup_steps = 200
-    c.train.weight_decay = 0.01
-    c.train.clip_norm = 1.0
-    c.train.ema_half_life_images = 20000.0
-    c.train.log_every = 100
-    c.train.checkpoint_every = 1000
-    c.train.keep_checkpoints = 2
-    c.train.progress = True
 
     c.sde = ml_collections.ConfigDict()
     c.sde.beta_min = 0.1
@@ -66,15 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sde.P_mean = -1.2
     c.sde.P_std = 1.2
 
-    c.sample = ml_collections.ConfigDict()
-    c.sample.per_class = 64
     c.sample.num_steps = 18  # Heun: NFE 2N (EDM: 2N - 1)
-    c.sample.method = "heun"
     c.sample.guidance = 2.0
-    c.sample.grid_columns = 16
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.pca_components = 16
     c.eval.bpd_images = 256  # test digits for bits/dim (0: skip)
     c.eval.bpd_divergence = "rademacher"
     c.eval.bpd_rtol = 1e-5
