@@ -105,3 +105,55 @@ def write_digit_samples_and_metrics(run_dir: str, x, labels, cfg, *, title: str)
     evaluator = DigitsEvaluator.from_split(seed=cfg.data.split_seed, test_fraction=cfg.data.test_fraction,
                                            n_components=cfg.eval.pca_components)
     return imgs, y, evaluator.evaluate(imgs, y)
+
+
+def make_digits_state(tc, params, key):
+    """``(optimizer, ema_decay, state)`` from a config's ``train`` block: AdamW with warmup +
+    cosine and clipping, EMA by half-life in images (``ema_decay`` is ``None`` without EMA)."""
+    from research.train.ema import ema_decay_from_half_life
+    from research.train.optim import make_optimizer
+    from research.train.state import create_train_state
+
+    optimizer = make_optimizer(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,
+                               total_steps=tc.num_steps, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
+    use_ema = tc.ema_half_life_images > 0
+    ema_decay = ema_decay_from_half_life(tc.ema_half_life_images, tc.batch_size) if use_ema else None
+    return optimizer, ema_decay, create_train_state(params, optimizer, key, ema=use_ema)
+
+
+def train_resumable(run_dir: str, log: logging.Logger, state, step_fn, arrays: dict, key, tc, *,
+                    num_steps: int, tensorboard: bool = False):
+    """Trains to ``num_steps`` with orbax checkpoints in ``run_dir/checkpoints``, resuming the latest
+    one (the data iterator skips to the restored step, so a resumed run is bit-identical).
+
+    Returns ``(state, start_step, train_time_s, final_loss)``.
+    """
+    import time
+
+    from research.data.iterators import batch_iterator
+    from research.train.checkpoint import Checkpointer
+    from research.train.logging import MetricsLogger, read_metrics
+    from research.train.loop import train_loop
+
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=tc.checkpoint_every,
+                        keep=tc.keep_checkpoints)
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state = restored
+        log.info(f"resumed from checkpoint at step {int(state.step)}")
+    start_step = int(state.step)
+    logger = MetricsLogger(run_dir, tensorboard=tensorboard)
+    t_train = time.perf_counter()
+    try:
+        state = train_loop(
+            state, step_fn,
+            lambda s: batch_iterator(arrays, tc.batch_size, key=key, start_step=s),
+            num_steps=num_steps, run_dir=run_dir, checkpointer=ckpt, log_every=tc.log_every,
+            logger=logger, progress=tc.progress,
+        )
+    finally:
+        logger.close()
+        ckpt.close()
+    train_time = time.perf_counter() - t_train
+    records = [r for r in read_metrics(run_dir) if "loss_mean" in r]
+    return state, start_step, train_time, (records[-1]["loss_mean"] if records else None)

@@ -19,20 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (
-    close_text_log, resolve_run_dir, setup_text_log, write_digit_samples_and_metrics, write_json,
+    close_text_log, make_digits_state, resolve_run_dir, setup_text_log, train_resumable,
+    write_digit_samples_and_metrics, write_json,
 )
 from research.data.digits import NUM_CLASSES, load_digits
-from research.data.iterators import batch_iterator
 from research.generative.losses import rectified_flow_loss
 from research.generative.samplers import guided, ode_sample
 from research.nn.dit import DiT, init_dit, make_model_fn
-from research.train.checkpoint import Checkpointer
 from research.train.config import config_from_cli, save_config
-from research.train.ema import ema_decay_from_half_life
-from research.train.logging import MetricsLogger, read_metrics
-from research.train.loop import train_loop
-from research.train.optim import make_optimizer
-from research.train.state import create_train_state
 from research.train.step import make_train_step
 
 NFE_PER_STEP = {"euler": 1, "heun": 2, "rk4": 4}
@@ -99,37 +93,13 @@ def _run(cfg, run_dir, log, t_start) -> dict:
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     log.info(f"DiT params: {n_params:,}; train images: {len(labels)}")
 
-    optimizer = make_optimizer(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,
-                               total_steps=tc.num_steps, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
-    use_ema = tc.ema_half_life_images > 0
-    ema_decay = ema_decay_from_half_life(tc.ema_half_life_images, tc.batch_size) if use_ema else None
-    state = create_train_state(params, optimizer, k_train, ema=use_ema)
+    optimizer, ema_decay, state = make_digits_state(tc, params, k_train)
+    use_ema = ema_decay is not None
     loss_fn = make_loss_fn(model_fn, timestep_dist=tc.timestep_dist, loc=tc.timestep_loc, scale=tc.timestep_scale)
     step_fn = make_train_step(loss_fn, optimizer, ema_decay=ema_decay)
-
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=tc.checkpoint_every,
-                        keep=tc.keep_checkpoints)
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-        state = restored
-        log.info(f"resumed from checkpoint at step {int(state.step)}")
-    stop = tc.stop_at_step or tc.num_steps
-    start_step = int(state.step)
-    logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard)
-    t_train = time.perf_counter()
-    try:
-        state = train_loop(
-            state, step_fn,
-            lambda s: batch_iterator(arrays, tc.batch_size, key=k_data, start_step=s),
-            num_steps=stop, run_dir=run_dir, checkpointer=ckpt, log_every=tc.log_every,
-            logger=logger, progress=tc.progress,
-        )
-    finally:
-        logger.close()
-        ckpt.close()
-    train_time = time.perf_counter() - t_train
-    records = [r for r in read_metrics(run_dir) if "loss_mean" in r]
-    final_loss = records[-1]["loss_mean"] if records else None
+    state, start_step, train_time, final_loss = train_resumable(
+        run_dir, log, state, step_fn, arrays, k_data, tc, num_steps=tc.stop_at_step or tc.num_steps,
+        tensorboard=tc.tensorboard)
     log.info(f"trained steps {start_step} -> {int(state.step)} in {train_time:.1f}s; final loss {final_loss}")
     if int(state.step) < tc.num_steps:
         log.info(f"stopped at step {int(state.step)} (train.stop_at_step); rerun to resume. No samples written.")

@@ -16,22 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (close_text_log, resolve_run_dir, setup_text_log,
-                                write_digit_samples_and_metrics, write_json)
+from experiments.common import (close_text_log, make_digits_state, resolve_run_dir, setup_text_log,
+                                train_resumable, write_digit_samples_and_metrics, write_json)
 from experiments.train_digits_rf import build_model
 from research.data.digits import NUM_CLASSES, load_digits, to_0_16
-from research.data.iterators import batch_iterator
 from research.generative.likelihood import bits_per_dim, dequantize, digits_dequantization
 from research.generative.methods import make_method
 from research.generative.samplers import guided_model_fn
 from research.nn.dit import init_dit, make_model_fn
-from research.train.checkpoint import Checkpointer
 from research.train.config import config_from_cli, save_config
-from research.train.ema import ema_decay_from_half_life
-from research.train.logging import MetricsLogger, read_metrics
-from research.train.loop import train_loop
-from research.train.optim import make_optimizer
-from research.train.state import create_train_state
 from research.train.step import make_train_step
 
 
@@ -85,35 +78,15 @@ def _run(cfg, name, run_dir, log) -> dict:
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     log.info(f"method={cfg.method} DiT params: {n_params:,}; train images: {len(labels)}")
 
-    optimizer = make_optimizer(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,
-                               total_steps=tc.num_steps, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
-    use_ema = tc.ema_half_life_images > 0
-    ema_decay = ema_decay_from_half_life(tc.ema_half_life_images, tc.batch_size) if use_ema else None
-    state = create_train_state(params, optimizer, k_train, ema=use_ema)
+    optimizer, ema_decay, state = make_digits_state(tc, params, k_train)
+    use_ema = ema_decay is not None
 
     def loss_fn(p, batch, key):
         return method.loss(model_fn, p, batch["image"], key, cond=batch["label"])
 
     step_fn = make_train_step(loss_fn, optimizer, ema_decay=ema_decay)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=tc.checkpoint_every,
-                        keep=tc.keep_checkpoints)
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-        state = restored
-        log.info(f"resumed from checkpoint at step {int(state.step)}")
-    start_step = int(state.step)
-    logger = MetricsLogger(run_dir)
-    t_train = time.perf_counter()
-    try:
-        state = train_loop(state, step_fn, lambda s: batch_iterator(arrays, tc.batch_size, key=k_data, start_step=s),
-                           num_steps=tc.num_steps, run_dir=run_dir, checkpointer=ckpt, log_every=tc.log_every,
-                           logger=logger, progress=tc.progress)
-    finally:
-        logger.close()
-        ckpt.close()
-    train_time = time.perf_counter() - t_train
-    records = [r for r in read_metrics(run_dir) if "loss_mean" in r]
-    final_loss = records[-1]["loss_mean"] if records else None
+    state, start_step, train_time, final_loss = train_resumable(
+        run_dir, log, state, step_fn, arrays, k_data, tc, num_steps=tc.num_steps)
     params = state.ema_params if use_ema else state.params
 
     # ---- class-conditional samples with CFG (one jitted sampler)
