@@ -23,7 +23,7 @@ from research.data.toy import eight_gaussians_mixture, get_toy
 from research.eval.sample_metrics import mmd_rbf, sliced_wasserstein
 from research.generative.methods import make_method
 from research.nn.mlp import ToyMLP, make_mlp_fn
-from research.train.config import config_from_cli
+from research.runs.config import config_from_cli
 from research.train.optim import make_optimizer
 from research.train.state import create_train_state
 from research.train.step import make_train_step

@@ -132,7 +132,7 @@ def train_resumable(run_dir: str, log: logging.Logger, state, step_fn, arrays: d
 
     from research.data.iterators import batch_iterator
     from research.train.checkpoint import Checkpointer
-    from research.train.logging import MetricsLogger, read_metrics
+    from research.runs.metrics import MetricsLogger, read_metrics
     from research.train.loop import train_loop
 
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=tc.checkpoint_every,

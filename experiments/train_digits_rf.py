@@ -26,7 +26,7 @@ from research.data.digits import NUM_CLASSES, load_digits
 from research.generative.losses import rectified_flow_loss
 from research.generative.samplers import guided, ode_sample
 from research.nn.dit import DiT, init_dit, make_model_fn
-from research.train.config import config_from_cli, save_config
+from research.runs.config import config_from_cli, save_config
 from research.train.step import make_train_step
 
 NFE_PER_STEP = {"euler": 1, "heun": 2, "rk4": 4}

@@ -24,7 +24,7 @@ from research.generative.likelihood import bits_per_dim, dequantize, digits_dequ
 from research.generative.methods import make_method
 from research.generative.samplers import guided_model_fn
 from research.nn.dit import init_dit, make_model_fn
-from research.train.config import config_from_cli, save_config
+from research.runs.config import config_from_cli, save_config
 from research.train.step import make_train_step
 
 

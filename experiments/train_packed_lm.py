@@ -22,70 +22,20 @@ Prints the packing report, then loss / real tokens per step; ``--json PATH`` wri
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.data.packing import masked_mean, next_token_targets, pack_sequences, packing_report
-from research.nn.attention import attention
+from research.data.packing import pack_sequences, packing_report
+from research.data.text import load_documents
+from research.lm.byte_lm import ByteLM, byte_lm_loss
 from research.train.optim import adamw
 from research.train.state import create_train_state
 from research.train.step import make_train_step
-
-
-def load_documents(max_len: int) -> list[np.ndarray]:
-    """Paragraphs of scikit-learn's dataset descriptions as uint8 arrays (chunked to max_len)."""
-    import sklearn.datasets
-
-    root = os.path.join(os.path.dirname(sklearn.datasets.__file__), "descr")
-    docs = []
-    for path in sorted(glob.glob(os.path.join(root, "*.rst"))):
-        with open(path, "rb") as f:
-            for para in f.read().split(b"\n\n"):
-                para = para.strip()
-                for i in range(0, len(para), max_len):
-                    if len(para[i:i + max_len]) >= 2:
-                        docs.append(np.frombuffer(para[i:i + max_len], np.uint8).astype(np.int32))
-    if not docs:
-        raise FileNotFoundError(f"no .rst descriptions found under {root}")
-    return docs
-
-
-class Block(nn.Module):
-    width: int
-    heads: int
-
-    @nn.compact
-    def __call__(self, x, segment_ids):
-        b, t, d = x.shape
-        h = nn.RMSNorm()(x)
-        qkv = nn.Dense(3 * d, use_bias=False)(h).reshape(b, t, 3, self.heads, d // self.heads)
-        o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True, segment_ids=segment_ids)
-        x = x + nn.Dense(d, use_bias=False)(o.reshape(b, t, d))
-        h = nn.gelu(nn.Dense(4 * d)(nn.RMSNorm()(x)))
-        return x + nn.Dense(d)(h)
-
-
-class ByteLM(nn.Module):
-    """tokens [B, T] int, positions [B, T], segment_ids [B, T] -> logits [B, T, 256]."""
-
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    max_len: int = 128
-
-    @nn.compact
-    def __call__(self, tokens, positions, segment_ids):
-        x = nn.Embed(256, self.width)(tokens) + nn.Embed(self.max_len, self.width, name="pos_embedding")(positions)
-        for _ in range(self.depth):
-            x = Block(self.width, self.heads)(x, segment_ids)
-        return nn.Dense(256)(nn.RMSNorm()(x))
 
 
 def make_rows(docs, row_length, mode):
@@ -128,11 +78,7 @@ def main(argv=None):
 
     def loss_fn(params, batch, key):
         del key
-        logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
-        targets, mask = next_token_targets(batch["tokens"], batch["segment_ids"])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-        return masked_mean(nll, mask), {"real_tokens": jnp.sum(mask)}
+        return byte_lm_loss(model, params, batch)
 
     key = jax.random.key(args.seed)
     z = jnp.zeros((1, args.row_length), jnp.int32)

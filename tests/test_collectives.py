@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from research.train.collectives import ring_all_reduce, ring_communication_volume
+from research.parallel.collectives import ring_all_reduce, ring_communication_volume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
-    from research.train.collectives import ring_all_reduce, ring_mean, ring_communication_volume
+    from research.parallel.collectives import ring_all_reduce, ring_mean, ring_communication_volume
 
     devs = jax.devices()
     assert len(devs) == 8, devs

@@ -6,12 +6,12 @@ import textwrap
 import ml_collections
 import pytest
 
-from research.train.config import config_from_cli, load_config, save_config
+from research.runs.config import config_from_cli, load_config, save_config
 
 CONFIG_SRC = textwrap.dedent('''
     """Test config."""
     import ml_collections
-    from research.train.config import check_choice, check_positive, check_range
+    from research.runs.config import check_choice, check_positive, check_range
 
 
     def get_config():

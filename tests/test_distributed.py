@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from research.train.distributed import DistributedConfig, config_from_env
+from research.parallel.distributed import DistributedConfig, config_from_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ WORKER = r'''
 import json, os, sys, time
 import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
 from jax.experimental import multihost_utils
-from research.train.distributed import (initialize_from_env, is_primary, barrier, Watchdog,
+from research.parallel.distributed import (initialize_from_env, is_primary, barrier, Watchdog,
                                         process_batch_slice)
 
 mode_arg, out_dir = sys.argv[1], sys.argv[2]
@@ -28,7 +28,7 @@ initialize_from_env(init_timeout_s=60)
 from research.train.optim import adamw
 from research.train.state import create_train_state
 from research.train.step import make_train_step
-from research.train.sharding import make_mesh, init_sharded, shard_batch
+from research.parallel.sharding import make_mesh, init_sharded, shard_batch
 
 if mode_arg == "stall":
     if jax.process_index() == 1:
@@ -192,7 +192,7 @@ def test_stalled_peer_ends_with_clear_error(worker, tmp_path):
 
 
 def test_init_timeout_is_a_clear_error(worker, tmp_path):
-    code = ("from research.train.distributed import initialize_from_env\n"
+    code = ("from research.parallel.distributed import initialize_from_env\n"
             "initialize_from_env(init_timeout_s=3)\nprint('NOT_REACHED')\n")
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
                RESEARCH_COORDINATOR=f"localhost:{_free_port()}", RESEARCH_NUM_PROCESSES="2",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import train_digits_rf as exp
-from research.train.config import load_config
+from research.runs.config import load_config
 
 pytestmark = pytest.mark.entry
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from research.train.sharding import fsdp_spec, make_mesh, tree_shardings
-from research.train.distributed import process_batch_slice
+from research.parallel.sharding import fsdp_spec, make_mesh, tree_shardings
+from research.parallel.distributed import process_batch_slice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent(r"""
     from research.train.state import create_train_state
     from research.train.step import make_train_step
     from research.train.loss_scale import DynamicLossScale
-    from research.train.sharding import make_mesh, init_sharded, shard_batch, state_shardings
+    from research.parallel.sharding import make_mesh, init_sharded, shard_batch, state_shardings
 
     assert len(jax.devices()) == 8
 

@@ -352,7 +352,7 @@ def test_torch_train_script_smoke(tmp_path):
     import json
 
     from experiments.torch_baselines import train as ttrain
-    from research.train.config import load_config
+    from research.runs.config import load_config
 
     cfg = load_config("experiments/configs/digits_rf.py", [
         "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.batch_size=16",

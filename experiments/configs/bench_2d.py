@@ -16,7 +16,7 @@ sampler, NLL within ~0.1-0.2 nats of the data entropy; OT-CFM is the best at 8 E
 """
 import ml_collections
 
-from research.train.config import check, check_positive
+from research.runs.config import check, check_positive
 
 METHODS = ("vp", "subvp", "ve", "edm", "rf", "icfm", "otcfm")
 DATASETS = ("eight_gaussians", "two_moons", "checkerboard", "spirals")

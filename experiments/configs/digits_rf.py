@@ -16,7 +16,7 @@ A rerun with the same run_dir resumes from its latest checkpoint (delete the fol
 import ml_collections
 
 from experiments.configs.digits_common import digits_config
-from research.train.config import check, check_choice, check_positive, check_range
+from research.runs.config import check, check_choice, check_positive, check_range
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -17,7 +17,7 @@ README.md ("Digits with the flagship DiT").
 import ml_collections
 
 from experiments.configs.digits_common import digits_config
-from research.train.config import check, check_choice, check_positive
+from research.runs.config import check, check_choice, check_positive
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 """PyTorch twin of the flagship experiment: class-conditional rectified flow on the 8x8 digits.
 
 Reads the same experiment config as the JAX run (``experiments/configs/digits_rf.py`` through
-``research.train.config``), the same data and batch order (``research.data``), and trains the torch
+``research.runs.config``), the same data and batch order (``research.data``), and trains the torch
 DiT with ``torch.optim.AdamW``, global-norm clipping, the same warmup + cosine schedule and decay
 mask, and the EMA (half-life in images). At the end it draws ``sample.per_class`` samples per class
 with the configured ODE method and guidance from the EMA weights.
@@ -61,8 +61,8 @@ def sample_per_class(model: DiT, *, per_class: int, num_steps: int, method: str,
 def run(cfg, *, device: str | None = None, log=print) -> dict:
     """Trains per ``cfg`` (a loaded experiment config); returns a summary dict."""
     from research.data import batch_iterator, load_digits
-    from research.train.config import save_config
-    from research.train.logging import MetricsLogger
+    from research.runs.config import save_config
+    from research.runs.metrics import MetricsLogger
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.name}_torch")
@@ -142,7 +142,7 @@ def _flatten(tree, prefix=()):
 
 
 def main(argv=None):
-    from research.train.config import config_from_cli
+    from research.runs.config import config_from_cli
 
     parser = argparse.ArgumentParser(description="PyTorch twin of the digits rectified-flow experiment")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

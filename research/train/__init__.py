@@ -1,2 +1,2 @@
-"""Training machinery: train state, optimisers, EMA, the jitted train step, checkpointing,
-logging, the training loop and Python-file configs."""
+"""Training machinery: train state (with model state), optimisers, EMA, precision and loss
+scaling, the jitted single- and multi-model train steps, checkpointing and the training loop."""

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from research.train.checkpoint import Checkpointer
-from research.train.logging import MetricsLogger, ProgressBar
+from research.runs.metrics import MetricsLogger, ProgressBar
 from research.train.state import TrainState
 
 PyTree = Any

@@ -18,13 +18,13 @@ Scale features (all optional, off by default):
                  (halved), and `step` STILL ADVANCES by one, so the per-step key, the data
                  iterator position and the loop's step count stay in lock-step (the skipped
                  batch is not retried). Metrics gain `loss_scale` and `grads_finite`.
-  sharding       `mesh` + `state_sharding` (from `research.train.sharding`): jitted with
+  sharding       `mesh` + `state_sharding` (from `research.parallel.sharding`): jitted with
                  `in_shardings=(state_sharding, batch split over data_axis)` and
                  `out_shardings=(state_sharding, replicated)` -- data parallel or FSDP
                  depending on `state_sharding`.
   grad_reduce    "auto" (XLA inserts the all-reduce) or "ring": per-device gradients inside
                  `shard_map` averaged with the ppermute ring all-reduce of
-                 `research.train.collectives` (needs `mesh`; each device folds its index into
+                 `research.parallel.collectives` (needs `mesh`; each device folds its index into
                  the step key, so random draws differ per device).
 """
 from __future__ import annotations
@@ -136,7 +136,7 @@ def _ring_compute_grads(loss_fn: LossFn, params, batch, key, grad_accum_steps, m
     """compute_grads per device inside shard_map, gradients averaged by the ring all-reduce."""
     from jax.sharding import PartitionSpec as P
 
-    from research.train.collectives import ring_mean
+    from research.parallel.collectives import ring_mean
 
     def local(params, batch, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(axis))
@@ -172,7 +172,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     if grad_reduce not in ("auto", "ring"):
         raise ValueError(f"grad_reduce must be 'auto' or 'ring', got {grad_reduce!r}")
     if grad_reduce == "ring" and mesh is None:
-        raise ValueError("grad_reduce='ring' needs a mesh (research.train.sharding.make_mesh)")
+        raise ValueError("grad_reduce='ring' needs a mesh (research.parallel.sharding.make_mesh)")
     if state_sharding is not None and mesh is None:
         raise ValueError("state_sharding needs mesh as well")
     if mesh is not None and data_axis not in mesh.axis_names:
@@ -220,7 +220,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     if not jit:
         return step
     if state_sharding is not None:
-        from research.train.sharding import jit_sharded_step
+        from research.parallel.sharding import jit_sharded_step
 
         return jit_sharded_step(step, state_sharding, mesh, axis=data_axis, donate=donate)
     return jax.jit(step, donate_argnums=(0,) if donate else ())

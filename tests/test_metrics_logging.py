@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.train import logging as tlog
+from research.runs import metrics as tlog
 from research.train.checkpoint import Checkpointer
-from research.train.logging import MetricsLogger, ProgressBar, read_metrics
+from research.runs.metrics import MetricsLogger, ProgressBar, read_metrics
 from research.train.loop import train_loop
 from research.train.optim import adamw
 from research.train.state import create_train_state

@@ -104,7 +104,7 @@ def config_from_env(env: Mapping[str, str] | None = None) -> DistributedConfig |
 
 
 def _die(message: str):
-    sys.stderr.write(f"\n[research.train.distributed] FATAL: {message}\n")
+    sys.stderr.write(f"\n[research.parallel.distributed] FATAL: {message}\n")
     sys.stderr.flush()
     os._exit(EXIT_TIMEOUT)
 
@@ -234,7 +234,7 @@ def process_batch_slice(global_batch_size: int, *, process_index: int | None = N
                         process_count: int | None = None) -> slice:
     """The rows of the global batch this process loads: contiguous, equal-sized blocks.
 
-    Matches the device order of :func:`research.train.sharding.make_mesh` over
+    Matches the device order of :func:`research.parallel.sharding.make_mesh` over
     ``jax.devices()`` (grouped by process), so ``shard_batch`` of this slice forms the global
     batch in order.
     """
