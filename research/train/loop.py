@@ -28,12 +28,15 @@ def _make_iterator(batch_iter, start_step: int) -> Iterator:
 
 def train_loop(state: TrainState, step_fn: StepFn, batch_iter, *, num_steps: int, run_dir: str | os.PathLike,
                checkpointer: Checkpointer | None = None, log_every: int = 50, logger: MetricsLogger | None = None,
-               eval_fn: EvalFn | None = None, eval_every: int | None = None, progress: bool = True) -> TrainState:
+               eval_fn: EvalFn | None = None, eval_every: int | None = None, progress: bool = True,
+               watch: str = "loss") -> TrainState:
     """Runs `step_fn` from `state.step` until `num_steps` total steps; returns the final state.
 
     Args:
-      state: the (possibly restored) train state; the loop resumes nothing by itself.
-      step_fn: `step(state, batch) -> (state, metrics)` (see `make_train_step`); metrics must contain "loss".
+      state: the (possibly restored) train state, any pytree with an int `step` (a `TrainState`, a
+        `research.train.multi.MultiTrainState`); the loop resumes nothing by itself.
+      step_fn: `step(state, batch) -> (state, metrics)` (see `make_train_step`, `make_multi_train_step`);
+        metrics must contain the watched metric `watch`.
       batch_iter: either a callable `start_step -> iterable of batches`, called with `state.step` so a
         resumed run sees exactly the batches it would have seen (e.g.
         `lambda s: batch_iterator(arrays, bs, key=k, start_step=s)`), or an iterable already positioned
@@ -43,13 +46,17 @@ def train_loop(state: TrainState, step_fn: StepFn, batch_iter, *, num_steps: int
       checkpointer: saves every `checkpointer.save_every` steps and at the end.
       log_every: metrics are fetched to the host only every `log_every` steps (and at checkpoint/eval
         steps and the end); the logged record is the last step's metrics plus `loss_mean` over the window
-        and `steps_per_sec`.
+        and `steps_per_sec` (`<watch>_mean` when `watch` is not "loss").
       eval_fn: `eval_fn(state, step) -> dict` called every `eval_every` steps and at the end; its dict is
         logged with an `eval/` prefix.
+      watch: the metric checked for NaN/Inf and averaged over the window, e.g. "generator/loss" for a
+        multi-model step.
 
     Raises:
-      FloatingPointError: the loss became NaN/Inf; the message names the window of steps and the first
-        bad step. Nothing after the last finite window is checkpointed.
+      FloatingPointError: the watched metric became NaN/Inf; the message names the window of steps and
+        the first bad step. Nothing after the last finite window is checkpointed.
+
+    The logger (own or given) writes `<run_dir>/curves.png` when it is closed (`MetricsLogger.close`).
     """
     if not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
@@ -57,6 +64,8 @@ def train_loop(state: TrainState, step_fn: StepFn, batch_iter, *, num_steps: int
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
     if eval_fn is not None and (not isinstance(eval_every, int) or eval_every < 1):
         raise ValueError(f"eval_fn needs eval_every to be a positive int, got {eval_every!r}")
+    if not isinstance(watch, str) or not watch:
+        raise ValueError(f"watch must be a metric name, got {watch!r}")
     start = int(jax.device_get(state.step))
     if start > num_steps:
         raise ValueError(f"state is at step {start}, beyond num_steps={num_steps}")
@@ -79,14 +88,14 @@ def train_loop(state: TrainState, step_fn: StepFn, batch_iter, *, num_steps: int
         if bad.size:
             first = window_start + int(bad[0])
             raise FloatingPointError(
-                f"non-finite loss between step {window_start} and {step} (first at step {first}: "
-                f"loss={losses[bad[0]]}); stopping. The last checkpoint holds finite values.")
+                f"non-finite {watch} between step {window_start} and {step} (first at step {first}: "
+                f"{watch}={losses[bad[0]]}); stopping. The last checkpoint holds finite values.")
         now = time.perf_counter()
         record = dict(jax.device_get(dict(last_metrics)))
-        record["loss_mean"] = float(losses.mean())
+        record[f"{watch}_mean"] = float(losses.mean())
         record["steps_per_sec"] = len(losses) / max(now - window_time, 1e-9)
         logger.log(step, record)
-        bar.update(step, loss=record["loss"])
+        bar.update(step, loss=record[watch])
         window_losses, window_start, window_time = [], step + 1, now
 
     try:
@@ -96,9 +105,10 @@ def train_loop(state: TrainState, step_fn: StepFn, batch_iter, *, num_steps: int
             except StopIteration:
                 raise ValueError(f"batch_iter ran out after step {i} (num_steps={num_steps})") from None
             state, metrics = step_fn(state, batch)
-            if "loss" not in metrics:
-                raise KeyError("step_fn metrics must contain 'loss'")
-            window_losses.append(metrics["loss"])
+            if watch not in metrics:
+                raise KeyError(f"step_fn metrics must contain the watched metric {watch!r} (train_loop(watch=...)); "
+                               f"got {sorted(metrics)}")
+            window_losses.append(metrics[watch])
             last_metrics = metrics
             step = i + 1
             do_eval = eval_fn is not None and (step % eval_every == 0 or step == num_steps)

@@ -4,7 +4,27 @@ Pieces (kept separate so precision / loss scaling / sharding can wrap them):
   `step_key(state)`                      per-step key `fold_in(state.key, state.step)`
   `compute_grads(loss_fn, params, batch, key, grad_accum_steps)`  -> (loss, aux, grads)
   `apply_updates(state, grads, optimizer, ema_decay)`               -> new state
+  `compute_grads_with_state(loss_fn, params, model_state, batch, key, grad_accum_steps)`
+                                         -> (loss, aux, new_model_state, grads)   (stateful losses)
   `make_train_step(...)`                  composes them and jits with `donate_argnums=0`
+  (the multi-model step over the same pieces is `research.train.multi.make_multi_train_step`)
+
+Two loss signatures:
+  stateless (default)   `loss_fn(params, batch, key) -> (loss, aux)`
+  stateful=True         `loss_fn(params, model_state, batch, key) -> (loss, (aux, new_model_state))`
+                        for models with non-gradient variables kept in `state.model_state` (flax
+                        mutable collections: batch statistics, a VQ codebook's EMA, ...). The step
+                        passes `state.model_state` in and stores `new_model_state` (cast to the old
+                        leaves' dtypes, so the state's types never change); it is not
+                        differentiated (`model_state` is an argument, not a parameter). With
+                        `grad_accum_steps = n` the model state is threaded through the n
+                        micro-batches in order (micro-batch i sees the state left by i - 1, like n
+                        small forward passes). Typical flax use::
+
+                          def loss_fn(params, model_state, batch, key):
+                              out, new_vars = model.apply({"params": params, **model_state}, batch,
+                                                          mutable=list(model_state))
+                              return loss(out), (aux, new_vars)
 
 Scale features (all optional, off by default):
   precision      a `research.train.precision.Policy` (or its string): `loss_fn` sees the
@@ -14,7 +34,7 @@ Scale features (all optional, off by default):
   loss scaling   when `state.loss_scale` is a loss-scale object (`research.train.loss_scale`):
                  the loss is multiplied by the scale before differentiation and the gradients
                  divided by it. With non-finite gradients the update is SKIPPED: params,
-                 opt_state and ema_params are returned unchanged, the scale is adjusted
+                 opt_state, ema_params and model_state are returned unchanged, the scale is adjusted
                  (halved), and `step` STILL ADVANCES by one, so the per-step key, the data
                  iterator position and the loop's step count stay in lock-step (the skipped
                  batch is not retried). Metrics gain `loss_scale` and `grads_finite`.
@@ -25,7 +45,9 @@ Scale features (all optional, off by default):
   grad_reduce    "auto" (XLA inserts the all-reduce) or "ring": per-device gradients inside
                  `shard_map` averaged with the ppermute ring all-reduce of
                  `research.parallel.collectives` (needs `mesh`; each device folds its index into
-                 the step key, so random draws differ per device).
+                 the step key, so random draws differ per device). A stateful loss's new
+                 model state is averaged over devices (floating leaves; like synchronised batch
+                 statistics), integer leaves are taken from the devices as they are.
 """
 from __future__ import annotations
 
@@ -43,6 +65,8 @@ from research.train.state import TrainState
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, dict]]
+# (params, model_state, batch, key) -> (loss, (aux, new_model_state))
+StatefulLossFn = Callable[[PyTree, PyTree, PyTree, jax.Array], tuple[jax.Array, tuple[dict, PyTree]]]
 
 
 def step_key(state: TrainState) -> jax.Array:
@@ -59,6 +83,59 @@ def _split_microbatches(batch: PyTree, n: int) -> PyTree:
     return jax.tree.map(split, batch)
 
 
+def _lift(loss_fn: LossFn) -> StatefulLossFn:
+    """A stateless loss as a stateful one that returns the model state unchanged."""
+    def lifted(params, model_state, batch, key):
+        loss, aux = loss_fn(params, batch, key)
+        return loss, (aux, model_state)
+
+    return lifted
+
+
+def _keep_dtypes(new: PyTree, old: PyTree) -> PyTree:
+    # the new model state keeps the structure and dtypes of the old one (a fixed carry / state type)
+    if jax.tree.structure(new) != jax.tree.structure(old):
+        raise ValueError("a stateful loss must return a new model state of the same structure as the one "
+                         f"it received; got {jax.tree.structure(new)} for {jax.tree.structure(old)}")
+    return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.asarray(o).dtype), new, old)
+
+
+def compute_grads_with_state(loss_fn: StatefulLossFn, params: PyTree, model_state: PyTree, batch: PyTree,
+                             key: jax.Array, grad_accum_steps: int = 1) -> tuple[jax.Array, dict, PyTree, PyTree]:
+    """Loss, aux, new model state and gradients of a stateful
+    `loss_fn(params, model_state, batch, key) -> (loss, (aux, new_model_state))`.
+
+    Gradients are taken w.r.t. `params` only. With `grad_accum_steps = n > 1` the micro-batches are
+    processed in order by `lax.scan` (keys `fold_in(key, i)`), the model state threaded through them;
+    loss, aux and gradients are means over micro-batches, the model state is the last one.
+    """
+    def fn(p, ms, b, k):
+        loss, (aux, new_ms) = loss_fn(p, ms, b, k)
+        return loss, (aux, _keep_dtypes(new_ms, ms))
+
+    grad_fn = jax.value_and_grad(fn, has_aux=True)
+    if grad_accum_steps == 1:
+        (loss, (aux, new_ms)), grads = grad_fn(params, model_state, batch, key)
+        return loss, aux, new_ms, grads
+
+    micro = _split_microbatches(batch, grad_accum_steps)
+
+    def body(carry, xs):
+        i, mb = xs
+        acc_loss, acc_aux, acc_grads, ms = carry
+        (loss, (aux, ms)), grads = grad_fn(params, ms, mb, jax.random.fold_in(key, i))
+        return (acc_loss + loss, jax.tree.map(jnp.add, acc_aux, aux), jax.tree.map(jnp.add, acc_grads, grads),
+                ms), None
+
+    first_mb = jax.tree.map(lambda x: x[0], micro)
+    loss_shape, (aux_shape, _) = jax.eval_shape(fn, params, model_state, first_mb, key)
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
+    init = (zeros(loss_shape), zeros(aux_shape), jax.tree.map(jnp.zeros_like, params), model_state)
+    (loss, aux, grads, new_ms), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum_steps), micro))
+    scale = lambda tree: jax.tree.map(lambda x: x / grad_accum_steps, tree)  # noqa: E731
+    return scale(loss), scale(aux), new_ms, scale(grads)
+
+
 def compute_grads(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array,
                   grad_accum_steps: int = 1) -> tuple[jax.Array, dict, PyTree]:
     """Loss, aux and gradients of `loss_fn(params, batch, key) -> (loss, aux)`.
@@ -68,26 +145,8 @@ def compute_grads(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array
     `fold_in(key, i)`. Loss, aux and gradients are the means over micro-batches, which equals the
     full-batch result when the loss is a mean over examples (and does not depend on the key).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if grad_accum_steps == 1:
-        (loss, aux), grads = grad_fn(params, batch, key)
-        return loss, aux, grads
-
-    micro = _split_microbatches(batch, grad_accum_steps)
-
-    def body(carry, xs):
-        i, mb = xs
-        (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(key, i))
-        acc_loss, acc_aux, acc_grads = carry
-        return (acc_loss + loss, jax.tree.map(jnp.add, acc_aux, aux), jax.tree.map(jnp.add, acc_grads, grads)), None
-
-    first_mb = jax.tree.map(lambda x: x[0], micro)
-    loss_shape, aux_shape = jax.eval_shape(loss_fn, params, first_mb, key)
-    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
-    init = (zeros(loss_shape), zeros(aux_shape), jax.tree.map(jnp.zeros_like, params))
-    (loss, aux, grads), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum_steps), micro))
-    scale = lambda tree: jax.tree.map(lambda x: x / grad_accum_steps, tree)  # noqa: E731
-    return scale(loss), scale(aux), scale(grads)
+    loss, aux, _, grads = compute_grads_with_state(_lift(loss_fn), params, None, batch, key, grad_accum_steps)
+    return loss, aux, grads
 
 
 def apply_updates(state: TrainState, grads: PyTree, optimizer: optax.GradientTransformation,
@@ -109,54 +168,64 @@ def _check_ema(state: TrainState, ema_decay):
                          "ema_decay_from_half_life) or create the state with ema=False")
 
 
-def _with_precision(loss_fn: LossFn, policy: Policy | None) -> LossFn:
-    """loss_fn seeing compute-dtype params; float32 loss and aux."""
+def _float32_aux(aux):
+    return jax.tree.map(lambda a: jnp.asarray(a).astype(jnp.float32)
+                        if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, aux)
+
+
+def _with_precision(loss_fn: StatefulLossFn, policy: Policy | None) -> StatefulLossFn:
+    """loss_fn seeing compute-dtype params; float32 loss and aux (the model state keeps its dtypes)."""
     if policy is None:
         return loss_fn
 
-    def wrapped(params, batch, key):
-        loss, aux = loss_fn(policy.cast_to_compute(params), batch, key)
-        return jnp.asarray(loss, jnp.float32), jax.tree.map(lambda a: jnp.asarray(a).astype(jnp.float32)
-                                                            if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
-                                                            else a, aux)
+    def wrapped(params, model_state, batch, key):
+        loss, (aux, new_ms) = loss_fn(policy.cast_to_compute(params), model_state, batch, key)
+        return jnp.asarray(loss, jnp.float32), (_float32_aux(aux), new_ms)
 
     return wrapped
 
 
-def _with_loss_scale(loss_fn: LossFn, loss_scale) -> LossFn:
-    """(scaled loss, (aux, unscaled loss)) so the unscaled loss survives value_and_grad."""
-    def wrapped(params, batch, key):
-        loss, aux = loss_fn(params, batch, key)
-        return loss_scale.scale(loss), (aux, loss)
+def _with_loss_scale(loss_fn: StatefulLossFn, loss_scale) -> StatefulLossFn:
+    """(scaled loss, ((aux, unscaled loss), model state)) so the unscaled loss survives value_and_grad."""
+    def wrapped(params, model_state, batch, key):
+        loss, (aux, new_ms) = loss_fn(params, model_state, batch, key)
+        return loss_scale.scale(loss), ((aux, loss), new_ms)
 
     return wrapped
 
 
-def _ring_compute_grads(loss_fn: LossFn, params, batch, key, grad_accum_steps, mesh, axis):
-    """compute_grads per device inside shard_map, gradients averaged by the ring all-reduce."""
+def _pmean_floats(tree, axis):
+    return jax.tree.map(lambda x: jax.lax.pmean(x, axis) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+                        else x, tree)
+
+
+def _ring_compute_grads(loss_fn: StatefulLossFn, params, model_state, batch, key, grad_accum_steps, mesh, axis):
+    """compute_grads_with_state per device inside shard_map, gradients averaged by the ring all-reduce."""
     from jax.sharding import PartitionSpec as P
 
     from research.parallel.collectives import ring_mean
 
-    def local(params, batch, key):
+    def local(params, model_state, batch, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(axis))
-        loss, aux, grads = compute_grads(loss_fn, params, batch, key, grad_accum_steps)
+        loss, aux, new_ms, grads = compute_grads_with_state(loss_fn, params, model_state, batch, key,
+                                                            grad_accum_steps)
         loss, aux = jax.lax.pmean((loss, aux), axis)
-        return loss, aux, ring_mean(grads, axis)
+        return loss, aux, _pmean_floats(new_ms, axis), ring_mean(grads, axis)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=(P(), P(), P()),
-                         check_vma=False)(params, batch, key)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P()), out_specs=(P(), P(), P(), P()),
+                         check_vma=False)(params, model_state, batch, key)
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, ema_decay: float | None = None,
                     grad_accum_steps: int = 1, donate: bool = True, jit: bool = True,
                     precision: Policy | str | None = None, mesh=None, state_sharding=None,
-                    data_axis: str = "data", grad_reduce: str = "auto",
+                    data_axis: str = "data", grad_reduce: str = "auto", stateful: bool = False,
                     ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
     """Builds `step(state, batch) -> (state, metrics)`.
 
     `loss_fn(params, batch, key) -> (loss, aux)` with a float32 scalar loss and a dict of scalar aux
-    metrics. The step uses `key = fold_in(state.key, state.step)`, computes gradients (with
+    metrics; with `stateful=True`, `loss_fn(params, model_state, batch, key) -> (loss, (aux,
+    new_model_state))`, reading and replacing `state.model_state` (module docstring). The step uses `key = fold_in(state.key, state.step)`, computes gradients (with
     micro-batch accumulation if `grad_accum_steps > 1`), applies the optimiser, updates the EMA and
     increments `step`. Metrics (device arrays; fetch them only when logging): the aux entries, then
     `loss`, `grad_norm` (global norm of the gradients before any clipping) and `lr` (learning rate of
@@ -182,17 +251,22 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     if ema_decay is not None and not (0.0 <= float(ema_decay) < 1.0):
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
 
+    base_fn = loss_fn if stateful else _lift(loss_fn)
+
     def step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict]:
         _check_ema(state, ema_decay)
-        fn = _with_precision(loss_fn, policy)
+        if stateful and state.model_state is None:
+            raise ValueError("stateful=True needs state.model_state (create_train_state(..., model_state=...))")
+        fn = _with_precision(base_fn, policy)
         ls = state.loss_scale
         if ls is not None:
             fn = _with_loss_scale(fn, ls)
         if grad_reduce == "ring":
-            loss, aux, grads = _ring_compute_grads(fn, state.params, batch, step_key(state), grad_accum_steps,
-                                                   mesh, data_axis)
+            loss, aux, new_ms, grads = _ring_compute_grads(fn, state.params, state.model_state, batch,
+                                                           step_key(state), grad_accum_steps, mesh, data_axis)
         else:
-            loss, aux, grads = compute_grads(fn, state.params, batch, step_key(state), grad_accum_steps)
+            loss, aux, new_ms, grads = compute_grads_with_state(fn, state.params, state.model_state, batch,
+                                                                step_key(state), grad_accum_steps)
         if ls is not None:
             aux, loss = aux
             grads = ls.unscale(grads)
@@ -202,9 +276,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                 params=select_tree(finite, updated.params, state.params),
                 opt_state=select_tree(finite, updated.opt_state, state.opt_state),
                 ema_params=select_tree(finite, updated.ema_params, state.ema_params),
+                model_state=select_tree(finite, new_ms, state.model_state),
                 loss_scale=ls.adjust(finite))
         else:
-            new_state = apply_updates(state, grads, optimizer, ema_decay)
+            new_state = apply_updates(state, grads, optimizer, ema_decay).replace(model_state=new_ms)
         metrics = dict(aux)
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.global_norm(grads)
