@@ -86,7 +86,7 @@ def test_pf_ode_likelihood_of_gaussian_is_exact(name, divergence):
     isotropic-linear, so the Rademacher estimate is exact here too)."""
     o, v, t0, t1 = _setup(name)
     x = np.asarray(o.mean(t0)) + np.sqrt(o.var(t0)) * np.asarray(jax.random.normal(jax.random.PRNGKey(3), (16, 3)))
-    f = jax.jit(lambda y, k: LK.ode_log_likelihood(v, y, prior_logp=lambda z: o.logp_jax(z, t1), t0=t0, t1=t1,
+    f = jax.jit(lambda y, k: LK.ode_log_likelihood(v, y, prior_logp=lambda z: o.logp_jax(z, t1), t_start=t0, t_end=t1,
                                                    divergence=divergence, key=k, rtol=1e-6, atol=1e-6))
     logp, aux = f(x, jax.random.PRNGKey(4))
     np.testing.assert_allclose(np.asarray(logp), o.logp(x, t0), atol=5e-3, rtol=1e-4)
@@ -102,7 +102,7 @@ def test_pf_ode_likelihood_with_the_sde_prior_and_gaussian_probes():
     x = np.asarray(o.mean(1e-3)) + np.sqrt(o.var(1e-3)) * np.asarray(jax.random.normal(jax.random.PRNGKey(5), (4, 3)))
     xr = np.tile(x, (500, 1))
     logp, _ = jax.jit(lambda y, k: LK.ode_log_likelihood(pf_ode_velocity(sde, o.score), y, prior_logp=sde.prior_logp,
-                                                         t0=1e-3, divergence="gaussian", key=k, rtol=1e-4, atol=1e-4))(
+                                                         t_start=1e-3, divergence="gaussian", key=k, rtol=1e-4, atol=1e-4))(
         xr, jax.random.PRNGKey(6))
     est = np.asarray(logp).reshape(500, 4)
     se = est.std(0) / np.sqrt(500)

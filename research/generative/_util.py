@@ -65,3 +65,24 @@ def normal(key, shape, dtype=None):
 def is_zero(v) -> bool:
     """True for the Python number 0 (a static switch: traced values are never 'zero')."""
     return isinstance(v, (int, float)) and v == 0
+
+
+def widest_float():
+    """float64 when ``jax_enable_x64`` is on, else float32 (for evaluating Python-float constants, e.g.
+    a path's sigma at its end time, at the best precision the process allows)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def check_same_shape(pred, target, name: str, what: str = "model output"):
+    """Raise a ValueError naming both shapes when ``pred`` and ``target`` differ in shape: a
+    broadcasting mismatch (e.g. [B, D] against [B, 1]) silently gives a wrong loss otherwise."""
+    if tuple(jnp.shape(pred)) != tuple(jnp.shape(target)):
+        raise ValueError(f"{name}: {what} shape {tuple(jnp.shape(pred))} != target shape "
+                         f"{tuple(jnp.shape(target))}")
+
+
+def check_positive(value, arg: str, name: str):
+    """Eager check of a static (Python-number) hyper-parameter: ``value > 0`` or a ValueError naming
+    ``arg``; traced values are left alone (checked where they enter)."""
+    if isinstance(value, (int, float)) and not value > 0:
+        raise ValueError(f"{name}: {arg} must be > 0, got {value}")

@@ -9,11 +9,26 @@ host round trip, so the OT-CFM train step stays one compiled program.
 ``ot_pairing(x0, x1)`` returns the permutation of x1 that minimises the summed squared Euclidean
 distance to x0 -- the exact W2 minibatch coupling used by OT-CFM (Tong et al. 2023; with equal
 batch sizes and uniform weights the optimal plan is a permutation matrix, Birkhoff).
+
+Dtypes: the assignment runs in the cost's floating dtype (float32 at least; float64 costs under
+``jax_enable_x64`` stay float64), ``squared_distances`` in the common dtype of its inputs.
+
+Checks: a non-finite cost (NaN / inf, e.g. from a diverged model) has no meaningful assignment and
+the algorithm then returns an arbitrary permutation. ``linear_assignment`` carries a
+``jax.experimental.checkify`` debug check on it: plain (unchecked) code runs unchanged and pays
+nothing; wrap the function (or the whole train step) to surface it::
+
+    from jax.experimental import checkify
+    err, perm = jax.jit(checkify.checkify(linear_assignment))(cost)
+    err.throw()   # JaxRuntimeError: linear_assignment: cost has non-finite entries ...
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
+
+from research.generative._util import as_float, float_dtype
 
 
 def _hungarian(cost):
@@ -46,14 +61,14 @@ def _hungarian(cost):
             minv = jnp.where(better, cur, minv)
             way = jnp.where(better, j0, way)
             masked = jnp.where(free, minv, inf)
-            j1 = jnp.argmin(masked)
+            j1 = jnp.argmin(masked).astype(jnp.int32)
             delta = masked[j1]
             u = u.at[p].add(jnp.where(used, delta, 0.0))
             v = jnp.where(used, v - delta, v)
             minv = jnp.where(used, minv, minv - delta)
             return u, v, p, way, minv, j1, used
 
-        st = (u, v, p, way, minv, jnp.array(0), used)
+        st = (u, v, p, way, minv, jnp.array(0, jnp.int32), used)
         st = body(st)  # do-while
         u, v, p, way, minv, j0, used = jax.lax.while_loop(cond, body, st)
 
@@ -79,13 +94,17 @@ def _hungarian(cost):
 def linear_assignment(cost: jax.Array) -> jax.Array:
     """Exact minimum-cost perfect matching: perm [n] int32 with row i matched to column perm[i].
 
-    cost: [n, n] float (finite). Same optimum as scipy.optimize.linear_sum_assignment.
+    cost: [n, n] float (finite). Same optimum as scipy.optimize.linear_sum_assignment. Finiteness is
+    a checkify debug check (see the module docstring): ``checkify.checkify(linear_assignment)``
+    reports a NaN / inf cost, unchecked calls run as before.
     """
     cost = jnp.asarray(cost)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
         raise ValueError(f"linear_assignment: cost must be square [n, n], got shape {cost.shape}")
-    if not jnp.issubdtype(cost.dtype, jnp.floating):
-        cost = cost.astype(jnp.float32)
+    cost = as_float(cost)
+    checkify.debug_check(jnp.all(jnp.isfinite(cost)),
+                         "linear_assignment: cost has {} non-finite entries (NaN or inf); the assignment "
+                         "would be an arbitrary permutation", jnp.sum(~jnp.isfinite(cost)))
     # Shift so the smallest entry is 0 (the optimum is invariant; keeps potentials small).
     cost = cost - jnp.min(cost)
     return _hungarian(cost)
@@ -93,8 +112,9 @@ def linear_assignment(cost: jax.Array) -> jax.Array:
 
 def squared_distances(x0, x1):
     """[n, m] squared Euclidean distances between flattened rows of x0 [n, ...] and x1 [m, ...]."""
-    a = x0.reshape(x0.shape[0], -1).astype(jnp.float32)
-    b = x1.reshape(x1.shape[0], -1).astype(jnp.float32)
+    dtype = float_dtype(x0, x1)
+    a = as_float(x0, dtype).reshape(x0.shape[0], -1)
+    b = as_float(x1, dtype).reshape(x1.shape[0], -1)
     d = jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
     return jnp.maximum(d, 0.0)
 

@@ -12,6 +12,8 @@ commutes with them).
 The maps divide by alpha (eps/score/x0 -> x0 at alpha = 0, e.g. t = 1 of rectified flow or
 cosine) or by sigma (x0 -> eps at sigma = 0, t = 0); sample on an interval that avoids them
 (``path.t_start`` / ``path.t_end``) or predict the quantity the sampler needs.
+Dtypes: every map computes in the common floating dtype of (pred, x_t, t), float32 at least (a
+bfloat16 model output gives float32; float64 inputs under ``jax_enable_x64`` give float64).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from research.generative.paths import GaussianPath, _bc
+from research.generative._util import as_float, bcast, check_positive, check_same_shape, float_dtype, tvec
+from research.generative.paths import GaussianPath
 
 PREDICTIONS = ("eps", "x0", "score", "velocity")
 
@@ -32,8 +35,9 @@ def _check(pred_type, what):
 def to_x0_eps(path: GaussianPath, pred, x_t, t, prediction: str):
     """(x0_hat, eps_hat) from a prediction of type ``prediction`` at (x_t, t); x_t [B, ...], t [B]."""
     _check(prediction, "to_x0_eps")
-    a, s = _bc(path.alpha(t), x_t), _bc(path.sigma(t), x_t)
-    pred = pred.astype(jnp.float32)
+    dtype = float_dtype(pred, x_t, t)
+    pred, x_t, t = as_float(pred, dtype), as_float(x_t, dtype), as_float(t, dtype)
+    a, s = bcast(path.alpha(t), x_t), bcast(path.sigma(t), x_t)
     if prediction == "eps":
         return (x_t - s * pred) / a, pred
     if prediction == "x0":
@@ -41,7 +45,7 @@ def to_x0_eps(path: GaussianPath, pred, x_t, t, prediction: str):
     if prediction == "score":
         eps = -s * pred
         return (x_t - s * eps) / a, eps
-    da, ds = _bc(path.d_alpha(t), x_t), _bc(path.d_sigma(t), x_t)
+    da, ds = bcast(path.d_alpha(t), x_t), bcast(path.d_sigma(t), x_t)
     det = a * ds - s * da
     return (ds * x_t - s * pred) / det, (a * pred - da * x_t) / det
 
@@ -49,13 +53,15 @@ def to_x0_eps(path: GaussianPath, pred, x_t, t, prediction: str):
 def from_x0_eps(path: GaussianPath, x0, eps, x_t, t, prediction: str):
     """Prediction of type ``prediction`` from (x0_hat, eps_hat)."""
     _check(prediction, "from_x0_eps")
+    dtype = float_dtype(x0, eps, x_t, t)
+    x0, eps, t = as_float(x0, dtype), as_float(eps, dtype), as_float(t, dtype)
     if prediction == "eps":
         return eps
     if prediction == "x0":
         return x0
     if prediction == "score":
-        return -eps / _bc(path.sigma(t), x_t)
-    return _bc(path.d_alpha(t), x_t) * x0 + _bc(path.d_sigma(t), x_t) * eps
+        return -eps / bcast(path.sigma(t), x_t)
+    return bcast(path.d_alpha(t), x_t) * x0 + bcast(path.d_sigma(t), x_t) * eps
 
 
 def convert(path: GaussianPath, pred, x_t, t, *, src: str, dst: str):
@@ -90,7 +96,7 @@ def as_edm_denoiser(fn: Callable, path: GaussianPath, *, src: str) -> Callable:
 
     def denoiser(x, sigma):
         t = path.t_from_edm_sigma(sigma)
-        x_t = _bc(path.alpha(t), x) * x
+        x_t = bcast(path.alpha(t), x) * x
         x0, _ = to_x0_eps(path, fn(x_t, t), x_t, t, src)
         return x0
 
@@ -115,8 +121,8 @@ def eps_precond(path: GaussianPath, t, sigma_data: float):
     (sigma / alpha) |eps error|, which is ~150x the eps error at t = 1 of the VP SDE -- the
     probability-flow ODE carries that error to the data end (the reverse SDE's noise damps it).
     """
-    if not sigma_data > 0:
-        raise ValueError(f"eps_precond: sigma_data must be > 0, got {sigma_data}")
+    check_positive(sigma_data, "sigma_data", "eps_precond")
+    t = as_float(t)
     a, s = path.alpha(t), path.sigma(t)
     v = a ** 2 * sigma_data ** 2 + s ** 2
     return s / v, a * sigma_data / jnp.sqrt(v), 1.0 / jnp.sqrt(v)
@@ -125,13 +131,15 @@ def eps_precond(path: GaussianPath, t, sigma_data: float):
 def preconditioned_eps_model(model_fn: Callable, path: GaussianPath, sigma_data: float) -> Callable:
     """``model_fn(params, x, t, cond, key) -> F`` wrapped as ``(params, x, t, cond, key) -> eps_hat`` with
     ``eps_precond`` (the network sees c_in x_t and the path time t)."""
-    if not sigma_data > 0:
-        raise ValueError(f"preconditioned_eps_model: sigma_data must be > 0, got {sigma_data}")
+    check_positive(sigma_data, "sigma_data", "preconditioned_eps_model")
 
     def fn(params, x, t, cond, key):
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        t = tvec(x, t)
+        x = as_float(x, t.dtype)
         c_skip, c_out, c_in = eps_precond(path, t, sigma_data)
-        f = model_fn(params, _bc(c_in, x) * x, t, cond, key).astype(jnp.float32)
-        return _bc(c_skip, x) * x + _bc(c_out, x) * f
+        f = model_fn(params, bcast(c_in, x) * x, t, cond, key)
+        check_same_shape(f, x, "preconditioned_eps_model", "network output")
+        f = as_float(f, float_dtype(f, x))
+        return bcast(c_skip, x) * x + bcast(c_out, x) * f
 
     return fn

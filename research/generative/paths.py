@@ -1,12 +1,15 @@
 """Gaussian probability paths x_t = alpha(t) x_0 + sigma(t) eps (data at t = 0, noise at t = 1).
 
-Every path is a frozen dataclass (hashable, so it can be a static jit argument) with
+Every path is a frozen dataclass (hashable, so it can be a static jit argument; hyper-parameters
+are Python floats, checked when the path is built) with
   * ``alpha(t)``, ``sigma(t)`` and their time derivatives ``d_alpha(t)``, ``d_sigma(t)``
     (closed forms; tests compare them with autodiff),
   * ``edm_sigma(t) = sigma / alpha`` (the noise level of x_t / alpha in EDM's sense) and its
     inverse ``t_from_edm_sigma`` -- so any model can be sampled with ``edm_sample``,
   * ``t_start`` / ``t_end``: the default sampling interval (the score is singular at t = 0 for
     VP-type paths, the x_0 conversion is singular at t = 1 for the cosine path).
+Every method evaluates in t's floating dtype (float32 at least): float64 t under ``jax_enable_x64``
+gives float64 schedules, the Python-float hyper-parameters are weakly typed and never round t.
 
 Paths (registry ``PATHS`` / ``get_path(name, **kw)``):
   rectified_flow (alias cond_ot): alpha = 1 - t, sigma = t
@@ -23,9 +26,10 @@ import math
 
 import jax.numpy as jnp
 
+from research.generative._util import as_float, bcast, float_dtype
 
-def _f32(t):
-    return jnp.asarray(t, jnp.float32)
+# The old samplers import ``_bc`` from here: removed once the old samplers are gone.
+_bc = bcast
 
 
 class GaussianPath:
@@ -55,18 +59,15 @@ class GaussianPath:
         raise NotImplementedError
 
     def marginal(self, x0, eps, t):
-        """x_t for x0, eps [B, ...] and t [B]."""
+        """x_t for x0, eps [B, ...] and t [B] (in the common floating dtype of the three)."""
+        t = as_float(t, float_dtype(x0, eps, t))
         a, s = self.alpha(t), self.sigma(t)
-        return _bc(a, x0) * x0 + _bc(s, x0) * eps
+        return bcast(a, x0) * x0 + bcast(s, x0) * eps
 
     def velocity_target(self, x0, eps, t):
         """Conditional velocity d x_t / dt = alpha'(t) x0 + sigma'(t) eps."""
-        return _bc(self.d_alpha(t), x0) * x0 + _bc(self.d_sigma(t), x0) * eps
-
-
-def _bc(v, x):
-    v = jnp.asarray(v)
-    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+        t = as_float(t, float_dtype(x0, eps, t))
+        return bcast(self.d_alpha(t), x0) * x0 + bcast(self.d_sigma(t), x0) * eps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,19 +77,19 @@ class RectifiedFlowPath(GaussianPath):
     t_end: float = 0.0
 
     def alpha(self, t):
-        return 1.0 - _f32(t)
+        return 1.0 - as_float(t)
 
     def sigma(self, t):
-        return _f32(t)
+        return as_float(t)
 
     def d_alpha(self, t):
-        return -jnp.ones_like(_f32(t))
+        return -jnp.ones_like(as_float(t))
 
     def d_sigma(self, t):
-        return jnp.ones_like(_f32(t))
+        return jnp.ones_like(as_float(t))
 
     def t_from_edm_sigma(self, s):
-        s = _f32(s)
+        s = as_float(s)
         return s / (1.0 + s)
 
 
@@ -100,12 +101,17 @@ class VPLinearPath(GaussianPath):
     t_start: float = 1.0
     t_end: float = 1e-3
 
+    def __post_init__(self):
+        if not (0 <= self.beta_min <= self.beta_max and self.beta_max > 0):
+            raise ValueError(f"{type(self).__name__}: need 0 <= beta_min <= beta_max, beta_max > 0; got "
+                             f"beta_min={self.beta_min}, beta_max={self.beta_max}")
+
     def log_alpha(self, t):
-        t = _f32(t)
+        t = as_float(t)
         return -0.25 * t ** 2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def beta(self, t):
-        return self.beta_min + _f32(t) * (self.beta_max - self.beta_min)
+        return self.beta_min + as_float(t) * (self.beta_max - self.beta_min)
 
     def alpha(self, t):
         return jnp.exp(self.log_alpha(t))
@@ -129,7 +135,7 @@ class VPLinearPath(GaussianPath):
         return (-0.5 * self.beta_min + jnp.sqrt(0.25 * self.beta_min ** 2 + d * c)) / (0.5 * d)
 
     def t_from_edm_sigma(self, s):
-        s = _f32(s)
+        s = as_float(s)
         return self._t_from_log_alpha(-0.5 * jnp.log1p(s ** 2))
 
 
@@ -140,8 +146,12 @@ class VPCosinePath(GaussianPath):
     t_start: float = 0.999
     t_end: float = 0.0
 
+    def __post_init__(self):
+        if not 0 <= self.s < 1:
+            raise ValueError(f"VPCosinePath: offset s must be in [0, 1), got s={self.s}")
+
     def _phase(self, t):
-        return 0.5 * math.pi * (_f32(t) + self.s) / (1.0 + self.s)
+        return 0.5 * math.pi * (as_float(t) + self.s) / (1.0 + self.s)
 
     @property
     def _c0(self):
@@ -160,7 +170,7 @@ class VPCosinePath(GaussianPath):
         return -self.alpha(t) * self.d_alpha(t) / self.sigma(t)
 
     def t_from_edm_sigma(self, s):
-        a = 1.0 / jnp.sqrt(1.0 + _f32(s) ** 2)
+        a = 1.0 / jnp.sqrt(1.0 + as_float(s) ** 2)
         return jnp.arccos(a * self._c0) * (1.0 + self.s) / (0.5 * math.pi) - self.s
 
 
@@ -172,20 +182,25 @@ class VEPath(GaussianPath):
     t_start: float = 1.0
     t_end: float = 1e-5
 
+    def __post_init__(self):
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"VEPath: need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                             f"sigma_max={self.sigma_max}")
+
     def alpha(self, t):
-        return jnp.ones_like(_f32(t))
+        return jnp.ones_like(as_float(t))
 
     def sigma(self, t):
-        return self.sigma_min * (self.sigma_max / self.sigma_min) ** _f32(t)
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** as_float(t)
 
     def d_alpha(self, t):
-        return jnp.zeros_like(_f32(t))
+        return jnp.zeros_like(as_float(t))
 
     def d_sigma(self, t):
         return self.sigma(t) * math.log(self.sigma_max / self.sigma_min)
 
     def t_from_edm_sigma(self, s):
-        return jnp.log(_f32(s) / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
+        return jnp.log(as_float(s) / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +218,7 @@ class SubVPPath(VPLinearPath):
 
     def t_from_edm_sigma(self, s):
         # (1 - a^2) / a = s  ->  a = (sqrt(s^2 + 4) - s) / 2
-        s = _f32(s)
+        s = as_float(s)
         a = 2.0 / (jnp.sqrt(s ** 2 + 4.0) + s)
         return self._t_from_log_alpha(jnp.log(a))
 
@@ -215,19 +230,19 @@ class EDMPath(GaussianPath):
     t_end: float = 0.002
 
     def alpha(self, t):
-        return jnp.ones_like(_f32(t))
+        return jnp.ones_like(as_float(t))
 
     def sigma(self, t):
-        return _f32(t)
+        return as_float(t)
 
     def d_alpha(self, t):
-        return jnp.zeros_like(_f32(t))
+        return jnp.zeros_like(as_float(t))
 
     def d_sigma(self, t):
-        return jnp.ones_like(_f32(t))
+        return jnp.ones_like(as_float(t))
 
     def t_from_edm_sigma(self, s):
-        return _f32(s)
+        return as_float(s)
 
 
 PATHS = {

@@ -11,13 +11,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from research.generative._util import normal
 from research.generative.losses import pair_flow_loss
 from research.generative.solvers import ode_sample
 
 
-def reflow_pairs(velocity_fn: Callable, key, shape, *, num_steps: int = 32, method: str = "rk4"):
-    """(x0 [shape], x1 [shape]): x1 ~ N(0, I), x0 = ODE solution of velocity_fn from t = 1 to 0."""
-    x1 = jax.random.normal(key, tuple(shape), jnp.float32)
+def reflow_pairs(velocity_fn: Callable, key, shape, *, num_steps: int = 32, method: str = "rk4", dtype=jnp.float32):
+    """(x0 [shape], x1 [shape]): x1 ~ N(0, I) in ``dtype``, x0 = ODE solution of velocity_fn from t = 1 to 0."""
+    x1 = normal(key, tuple(shape), dtype)
     x0 = ode_sample(velocity_fn, x1, num_steps=num_steps, method=method)
     return jax.lax.stop_gradient(x0), x1
 

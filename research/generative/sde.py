@@ -12,19 +12,18 @@ Classes (``.sde``, ``.marginal_prob``, ``.prior_sample``, ``.prior_logp``, ``.re
   PathSDE(path) -- the SDE with the marginals of any Gaussian path (rectified flow, cosine,
   EDM, ...): f = alpha'/alpha, g^2 = (sigma^2)' - 2 f sigma^2.
 ``score_fn(x, t) -> score`` everywhere, with x [B, ...] and t [B].
+Dtypes: everything is computed in the common floating dtype of x and t (float32 at least), so
+float64 inputs under ``jax_enable_x64`` run in float64; ``prior_sample(key, shape, dtype=None)``
+draws float32 unless asked otherwise.
 """
 from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 
-from research.generative.paths import GaussianPath, SubVPPath, VEPath, VPLinearPath, _bc
-
-
-def _tvec(x, t):
-    return jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+from research.generative._util import as_float, bcast, float_dtype, normal, normal_logp, tvec, widest_float
+from research.generative.paths import GaussianPath, SubVPPath, VEPath, VPLinearPath
 
 
 class SDE:
@@ -47,30 +46,33 @@ class SDE:
     # --- score_sde interface -------------------------------------------------------------------
     def sde(self, x, t):
         """(drift [B, ...], diffusion [B]) of the forward SDE."""
-        t = _tvec(x, t)
-        return _bc(self.drift_coef(t), x) * x, self.diffusion_coef(t)
+        t = tvec(x, t)
+        return bcast(self.drift_coef(t), x) * x, self.diffusion_coef(t)
 
     def marginal_prob(self, x, t):
         """(mean [B, ...], std [B]) of p_t(x_t | x_0 = x)."""
-        t = _tvec(x, t)
-        return _bc(self.path.alpha(t), x) * x, self.path.sigma(t)
+        t = tvec(x, t)
+        return bcast(self.path.alpha(t), x) * x, self.path.sigma(t)
 
-    def prior_sample(self, key, shape):
-        return jax.random.normal(key, shape, jnp.float32)
+    prior_std: float = 1.0
+
+    def prior_sample(self, key, shape, dtype=None):
+        """x ~ N(0, prior_std^2 I) of ``shape`` in ``dtype`` (float32 by default)."""
+        return normal(key, shape, dtype) * self.prior_std
 
     def prior_logp(self, z):
-        """log N(z; 0, I) per example, summed over non-batch dims."""
-        d = math.prod(z.shape[1:])
-        return -0.5 * d * math.log(2 * math.pi) - 0.5 * jnp.sum(z.reshape(z.shape[0], -1) ** 2, axis=1)
+        """log N(z; 0, prior_std^2 I) per example, summed over non-batch dims (in z's dtype)."""
+        return normal_logp(z, self.prior_std)
 
     def discretize(self, x, t, t_prev):
         """(f, G) of the forward step from ``t_prev`` to ``t`` (t_prev < t), coefficients at t:
         x_t = x_{t_prev} + f + G z (score_sde's ``discretize``).
 
         Default: Euler-Maruyama, f = f(x, t) dt, G = g(t) sqrt(dt), dt = t - t_prev."""
-        drift, diffusion = self.sde(x, t)
-        dt = _tvec(x, t) - _tvec(x, t_prev)
-        return drift * _bc(dt, x), diffusion * jnp.sqrt(dt)
+        dtype = float_dtype(x, t, t_prev)
+        drift, diffusion = self.sde(x, tvec(x, t, dtype))
+        dt = tvec(x, t, dtype) - tvec(x, t_prev, dtype)
+        return drift * bcast(dt, x), diffusion * jnp.sqrt(dt)
 
     def reverse(self, score_fn, probability_flow: bool = False) -> "ReverseSDE":
         return ReverseSDE(self, score_fn, probability_flow)
@@ -87,19 +89,19 @@ class ReverseSDE:
 
     def sde(self, x, t):
         """(drift, diffusion) in forward time: integrate with dt < 0. Diffusion is 0 for the ODE."""
-        t = _tvec(x, t)
+        t = tvec(x, t)
         drift, diffusion = self.forward.sde(x, t)
         score = self.score_fn(x, t)
         w = 0.5 if self.probability_flow else 1.0
-        drift = drift - _bc(diffusion ** 2, x) * score * w
+        drift = drift - bcast(diffusion ** 2, x) * score * w
         return drift, (jnp.zeros_like(diffusion) if self.probability_flow else diffusion)
 
     def discretize(self, x, t, t_prev):
         """Reverse-diffusion predictor step from t to t_prev < t: x_{t_prev} = x - rev_f + rev_G z."""
-        t = _tvec(x, t)
+        t = tvec(x, t, float_dtype(x, t, t_prev))
         f, G = self.forward.discretize(x, t, t_prev)
         w = 0.5 if self.probability_flow else 1.0
-        rev_f = f - _bc(G ** 2, x) * self.score_fn(x, t) * w
+        rev_f = f - bcast(G ** 2, x) * self.score_fn(x, t) * w
         return rev_f, (jnp.zeros_like(G) if self.probability_flow else G)
 
 
@@ -120,9 +122,9 @@ class VPSDE(SDE):
 
     def discretize(self, x, t, t_prev):
         """DDPM ancestral step (score_sde's VPSDE.discretize with beta_i = beta(t) (t - t_prev))."""
-        t = _tvec(x, t)
-        beta_i = self.path.beta(t) * (t - _tvec(x, t_prev))
-        return _bc(jnp.sqrt(1.0 - beta_i), x) * x - x, jnp.sqrt(beta_i)
+        t = tvec(x, t, float_dtype(x, t, t_prev))
+        beta_i = self.path.beta(t) * (t - tvec(x, t_prev, t.dtype))
+        return bcast(jnp.sqrt(1.0 - beta_i), x) * x - x, jnp.sqrt(beta_i)
 
     def langevin_alpha(self, t, dt):
         """score_sde's corrector step-size factor alpha_i = 1 - beta_i, beta_i = beta(t) dt."""
@@ -157,29 +159,23 @@ class VESDE(SDE):
             raise ValueError(f"VESDE: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.path = VEPath(sigma_min=sigma_min, sigma_max=sigma_max)
+        self.prior_std = float(sigma_max)
 
     def drift_coef(self, t):
-        return jnp.zeros_like(jnp.asarray(t, jnp.float32))
+        return jnp.zeros_like(as_float(t))
 
     def diffusion_coef(self, t):
         return self.path.sigma(t) * math.sqrt(2.0 * math.log(self.sigma_max / self.sigma_min))
 
-    def prior_sample(self, key, shape):
-        return jax.random.normal(key, shape, jnp.float32) * self.sigma_max
-
-    def prior_logp(self, z):
-        d = math.prod(z.shape[1:])
-        sq = jnp.sum(z.reshape(z.shape[0], -1) ** 2, axis=1)
-        return -0.5 * d * math.log(2 * math.pi * self.sigma_max ** 2) - 0.5 * sq / self.sigma_max ** 2
-
     def discretize(self, x, t, t_prev):
         """SMLD step: f = 0, G = sqrt(sigma(t)^2 - sigma(t_prev)^2)."""
-        s_hi = self.path.sigma(_tvec(x, t))
-        s_lo = self.path.sigma(_tvec(x, t_prev))
+        dtype = float_dtype(x, t, t_prev)
+        s_hi = self.path.sigma(tvec(x, t, dtype))
+        s_lo = self.path.sigma(tvec(x, t_prev, dtype))
         return jnp.zeros_like(x), jnp.sqrt(jnp.clip(s_hi ** 2 - s_lo ** 2, 0.0, None))
 
     def langevin_alpha(self, t, dt):
-        return jnp.ones_like(jnp.asarray(t, jnp.float32))
+        return jnp.ones_like(as_float(t))
 
 
 class PathSDE(SDE):
@@ -192,18 +188,17 @@ class PathSDE(SDE):
     def __init__(self, path: GaussianPath, *, T: float | None = None, prior_std: float | None = None):
         self.path = path
         self.T = float(path.t_start if T is None else T)
-        self.prior_std = float(path.sigma(self.T)) if prior_std is None else float(prior_std)
-
-    def prior_sample(self, key, shape):
-        return jax.random.normal(key, shape, jnp.float32) * self.prior_std
-
-    def prior_logp(self, z):
-        d = math.prod(z.shape[1:])
-        sq = jnp.sum(z.reshape(z.shape[0], -1) ** 2, axis=1)
-        return -0.5 * d * math.log(2 * math.pi * self.prior_std ** 2) - 0.5 * sq / self.prior_std ** 2
+        if not self.T > 0:
+            raise ValueError(f"PathSDE: T must be > 0, got T={self.T}")
+        if prior_std is None:
+            # sigma(T) at the widest precision available (float64 under x64), kept as a Python float
+            prior_std = float(path.sigma(jnp.asarray(self.T, widest_float())))
+        self.prior_std = float(prior_std)
+        if not self.prior_std > 0:
+            raise ValueError(f"PathSDE: prior_std must be > 0, got prior_std={self.prior_std}")
 
     def langevin_alpha(self, t, dt):
-        return jnp.ones_like(jnp.asarray(t, jnp.float32))
+        return jnp.ones_like(as_float(t))
 
 
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "sub_vp": SubVPSDE, "ve": VESDE}
