@@ -1,9 +1,10 @@
 """Attention benchmark: ms and TFLOP/s of forward and forward+backward, plus memory versus T.
 
 Implementations: ``pallas`` (our Pallas kernels, Triton lowering: ``backend="triton"``), ``mosaic``
-(our Hopper forward in Pallas Mosaic GPU, ``backend="mosaic"``, with the Triton-lowered backward;
-compute capability 9.x only: elsewhere it is skipped, since Mosaic GPU interpret mode on CPU is a
-correctness simulator and far too slow to time), ``triton`` (our Triton forward via jax-triton),
+(our Hopper forward and backward in Pallas Mosaic GPU, ``backend="mosaic"``; compute capability 9.x
+only: elsewhere it is skipped, since Mosaic GPU interpret mode on CPU is a correctness simulator and
+far too slow to time), ``triton`` (the jax-triton baseline forward,
+``experiments/baselines/jax_triton_fwd.py``; needs the ``jax_triton`` package),
 ``xla`` (plain-JAX reference), ``cudnn`` (``jax.nn.dot_product_attention(implementation=
 "cudnn")``) and ``torch_sdpa`` (PyTorch ``scaled_dot_product_attention``, flash backend). An
 implementation that cannot run here is printed as skipped with the reason.
@@ -16,7 +17,7 @@ Usage::
     python -m experiments.bench_attention                      # GPU: full sweep
     python -m experiments.bench_attention --small              # tiny sizes (default on CPU)
     python -m experiments.bench_attention --json out.jsonl --D 128 --T 4096 8192
-    python -m experiments.bench_attention --impls mosaic cudnn --D 128 --tune   # H100: sweeps
+    python -m experiments.bench_attention --impls mosaic cudnn --D 128 --tune   # Hopper: sweeps
         # the Mosaic forward's (block_k, slots) x schedule (serial / overlap / pingpong /
         # overlap+pingpong) at T=--tune-T, then benchmarks the best
 
@@ -36,6 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.attention import tuning
+from pallas_kernels.attention.mosaic_common import is_hopper, mosaic_unsupported_reason
+from pallas_kernels.attention.mosaic_fwd import SCHEDULES as MOSAIC_SCHEDULES
+
 IMPLS = ("pallas", "mosaic", "triton", "xla", "cudnn", "torch_sdpa")
 
 
@@ -53,7 +58,7 @@ def _jax_fn(impl, causal, interpret):
         return lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=interpret,
                                                backend="triton")
     if impl == "mosaic":
-        return lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False,
+        return lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=interpret,
                                                backend="mosaic")
     if impl == "xla":
         return lambda q, k, v: reference_attention(q, k, v, causal=causal)
@@ -61,32 +66,23 @@ def _jax_fn(impl, causal, interpret):
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                             implementation="cudnn")
     if impl == "triton":
-        from pallas_kernels.triton_fwd import triton_flash_forward
+        from experiments.baselines.jax_triton_fwd import triton_flash_forward
         return lambda q, k, v: triton_flash_forward(q, k, v, causal=causal)
     raise ValueError(impl)
 
 
 def _mosaic_config(D):
     """The Mosaic forward's (block_k, slots, schedule) table entry used for head dim ``D``."""
-    import importlib
-    fa = importlib.import_module("pallas_kernels.flash_attention")
-    return list(fa._MOSAIC_TABLE[D]) if D in fa._MOSAIC_TABLE else None
-
-
-def _is_hopper():
-    if jax.default_backend() != "gpu":
-        return False
-    return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
+    return list(tuning.MOSAIC_TABLE[D]) if D in tuning.MOSAIC_TABLE else None
 
 
 def _skip_reason(impl, on_gpu, D=None, dtype=None):
     if impl in ("triton", "cudnn") and not on_gpu:
         return "needs a CUDA GPU"
     if impl == "mosaic":
-        if not _is_hopper():
+        if not is_hopper():
             return ("needs a Hopper GPU (compute capability 9.x); Mosaic GPU interpret mode is "
                     "too slow to time (tests/test_mosaic_attention.py covers it on CPU)")
-        from pallas_kernels.mosaic_fwd import mosaic_unsupported_reason
         why = mosaic_unsupported_reason(dtype, D, False) if D is not None else None
         if why is not None:
             return f"mosaic kernel does not support {why}"
@@ -196,16 +192,13 @@ BWD_CANDIDATES = [((64, 64, 8, 2), (64, 64, 8, 2)), ((64, 128, 8, 2), (128, 64, 
 def tune(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records):
     """Times the Pallas kernel for each candidate launch config (GPU); installs the best
     (by the sum over causal/non-causal) into the kernel table for the rest of the run."""
-    from pallas_kernels import flash_attention as fa_mod  # noqa: F401
-    import importlib
-    fa = importlib.import_module("pallas_kernels.flash_attention")
     for D in Ds:
         H, B = max(1, hidden // D), max(1, tokens // T)
-        orig = fa._GPU_TABLE[D]
+        orig = tuning.GPU_TABLE[D]
         scores = {}
         for part, cands in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
             for cand in cands:
-                fa._GPU_TABLE[D] = ((cand,) + orig[1:]) if part == "fwd" else (orig[0],) + cand
+                tuning.GPU_TABLE[D] = ((cand,) + orig[1:]) if part == "fwd" else (orig[0],) + cand
                 tot = 0.0
                 for causal in (False, True):
                     try:
@@ -221,10 +214,10 @@ def tune(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records):
                                             device=device, dtype=jnp.dtype(dtype).name))
                     print(f"tune D={D} T={T} causal={causal!s:<5} {part} {cand}: {ms:.3f} ms")
                 scores[(part, cand)] = tot
-            fa._GPU_TABLE[D] = orig
+            tuning.GPU_TABLE[D] = orig
         best_f = min(FWD_CANDIDATES, key=lambda c: scores[("fwd", c)])
         best_b = min(BWD_CANDIDATES, key=lambda c: scores[("bwd", c)])
-        fa._GPU_TABLE[D] = (best_f,) + best_b
+        tuning.GPU_TABLE[D] = (best_f,) + best_b
         print(f"tune D={D}: best fwd {best_f}, best bwd (dkdv, dq) {best_b}")
 
 
@@ -234,29 +227,26 @@ MOSAIC_CANDIDATES = {64: [(64, 2), (64, 3), (128, 2), (128, 3)],
 
 def mosaic_schedules():
     """The Mosaic GPU forward's consumer schedules ("serial", "overlap", "pingpong", ...)."""
-    from pallas_kernels.mosaic_fwd import SCHEDULES
-    return SCHEDULES
+    return MOSAIC_SCHEDULES
 
 
 def tune_mosaic(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records, schedules=None):
     """Hopper: times the Mosaic GPU forward for each (block_k, slots) candidate x consumer
     schedule (all of ``mosaic_schedules()`` unless ``schedules`` is given) and installs the best
     (sum over causal/non-causal) into its table for the rest of the run."""
-    import importlib
-    fa = importlib.import_module("pallas_kernels.flash_attention")
     schedules = tuple(schedules or mosaic_schedules())
     bad = [x for x in schedules if x not in mosaic_schedules()]
     if bad:
         raise ValueError(f"unknown Mosaic schedules {bad}; choose from {mosaic_schedules()}")
     for D in Ds:
-        if D not in fa._MOSAIC_TABLE:
+        if D not in tuning.MOSAIC_TABLE:
             continue
         H, B = max(1, hidden // D), max(1, tokens // T)
-        orig, scores = fa._MOSAIC_TABLE[D], {}
+        orig, scores = tuning.MOSAIC_TABLE[D], {}
         cands = [(bk, slots, sched) for sched in schedules
                  for bk, slots in MOSAIC_CANDIDATES[D]]
         for cand in cands:
-            fa._MOSAIC_TABLE[D] = cand
+            tuning.MOSAIC_TABLE[D] = cand
             tot = 0.0
             for causal in (False, True):
                 try:
@@ -272,8 +262,8 @@ def tune_mosaic(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records, 
                 print(f"tune mosaic D={D} T={T} causal={causal!s:<5} {cand}: {ms:.3f} ms")
             scores[cand] = tot
         best = min(scores, key=scores.get)
-        fa._MOSAIC_TABLE[D] = best if scores[best] < float("inf") else orig
-        print(f"tune mosaic D={D}: best (block_k, slots, schedule) {fa._MOSAIC_TABLE[D]}")
+        tuning.MOSAIC_TABLE[D] = best if scores[best] < float("inf") else orig
+        print(f"tune mosaic D={D}: best (block_k, slots, schedule) {tuning.MOSAIC_TABLE[D]}")
         for sched in schedules:   # best per schedule, to read the schedules' effect directly
             mine = {c: t for c, t in scores.items() if c[2] == sched}
             c = min(mine, key=mine.get)
@@ -282,6 +272,37 @@ def tune_mosaic(Ds, T, tokens, hidden, dtype, reps, inner, device, out_records, 
 
 
 # ------------------------------------------------------------------------------ driver
+def measure(impl, B, T, H, D, causal, dtype, reps, inner, interpret, on_gpu, device,
+            section="main", skip_reason=None):
+    """One benchmark record (ms, TFLOP/s, peak bytes) of ``impl``, or a record that says why it
+    was skipped or failed. ``skip_reason`` replaces the default :func:`_skip_reason` check (a
+    callable ``(impl) -> str | None``)."""
+    rec = dict(impl=impl, dtype=jnp.dtype(dtype).name, B=B, T=T, H=H, D=D, causal=causal,
+               device=device, section=section)
+    if impl == "mosaic":
+        rec["mosaic_config"] = _mosaic_config(D)
+    reason = (skip_reason(impl) if skip_reason is not None
+              else _skip_reason(impl, on_gpu, D, dtype))
+    if reason is None:
+        try:
+            if impl == "torch_sdpa":
+                rec.update(bench_torch(B, T, H, D, causal, dtype, reps, inner))
+            else:
+                rec.update(bench_jax(impl, B, T, H, D, causal, dtype, reps, inner, interpret,
+                                     fwd_bwd=(impl != "triton")))
+        except Exception as e:  # OOM, unsupported shape, ...: reported
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            reason = f"failed: {type(e).__name__}: {msg[:160]}"
+    if reason is not None:
+        rec.update(fwd_ms=None, fwd_bwd_ms=None, peak_bytes=None, skipped=reason)
+    rec.setdefault("fwd_bwd_ms", None)
+    for kind in ("fwd", "fwd_bwd"):
+        ms = rec.get(f"{kind}_ms")
+        rec[f"{kind}_tflops"] = (attention_flops(B, T, H, D, causal, kind) / (ms * 1e-3) / 1e12
+                                 if ms else None)
+    return rec
+
+
 def run(impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, on_gpu, device,
         out_records, fixed_B=None, fixed_H=None, section="main"):
     for D in Ds:
@@ -290,29 +311,8 @@ def run(impls, Ds, Ts, causals, dtype, tokens, hidden, reps, inner, interpret, o
             B = fixed_B or max(1, tokens // T)
             for causal in causals:
                 for impl in impls:
-                    base = dict(impl=impl, dtype=jnp.dtype(dtype).name, B=B, T=T, H=H, D=D,
-                                causal=causal, device=device, section=section)
-                    if impl == "mosaic":
-                        base["mosaic_config"] = _mosaic_config(D)
-                    reason = _skip_reason(impl, on_gpu, D, dtype)
-                    if reason is None:
-                        try:
-                            if impl == "torch_sdpa":
-                                rec = bench_torch(B, T, H, D, causal, dtype, reps, inner)
-                            else:
-                                rec = bench_jax(impl, B, T, H, D, causal, dtype, reps, inner,
-                                                interpret, fwd_bwd=(impl != "triton"))
-                        except Exception as e:  # OOM, unsupported shape, ...: reported
-                            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                            reason = f"failed: {type(e).__name__}: {msg[:160]}"
-                    if reason is not None:
-                        rec = dict(fwd_ms=None, fwd_bwd_ms=None, peak_bytes=None, skipped=reason)
-                    rec = {**base, **rec}
-                    rec.setdefault("fwd_bwd_ms", None)
-                    for kind in ("fwd", "fwd_bwd"):
-                        ms = rec.get(f"{kind}_ms")
-                        rec[f"{kind}_tflops"] = (attention_flops(B, T, H, D, causal, kind)
-                                                 / (ms * 1e-3) / 1e12 if ms else None)
+                    rec = measure(impl, B, T, H, D, causal, dtype, reps, inner, interpret, on_gpu,
+                                  device, section)
                     out_records.append(rec)
                     _print_row(rec)
                     sys.stdout.flush()
@@ -322,10 +322,10 @@ class _Records(list):
     """A list that also appends each record as one JSON line to ``path`` (if given), so a run
     cut short keeps what it measured."""
 
-    def __init__(self, path):
+    def __init__(self, path, append=False):
         super().__init__()
         self.path = path
-        if path:
+        if path and not append:
             open(path, "w").close()
 
     def append(self, rec):
@@ -372,7 +372,7 @@ def main(argv=None):
                         "the best for the rest of the run")
     p.add_argument("--mosaic-schedules", nargs="+", default=None, choices=mosaic_schedules(),
                    help="--tune: the Mosaic forward schedules to sweep (default: all of "
-                        "pallas_kernels.mosaic_fwd.SCHEDULES)")
+                        "pallas_kernels.attention.mosaic_fwd.SCHEDULES)")
     p.add_argument("--tune-T", type=int, default=4096)
     p.add_argument("--json", default=None, help="write one JSON record per line here")
     a = p.parse_args(argv)
@@ -396,7 +396,7 @@ def main(argv=None):
     if a.tune and on_gpu:
         if "pallas" in a.impls:
             tune(Ds, a.tune_T, tokens, hidden, dtype, reps, inner, device, records)
-        if "mosaic" in a.impls and _is_hopper():
+        if "mosaic" in a.impls and is_hopper():
             tune_mosaic(Ds, a.tune_T, tokens, hidden, dtype, reps, inner, device, records,
                         schedules=a.mosaic_schedules)
     print(HEADER)

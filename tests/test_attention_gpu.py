@@ -1,6 +1,6 @@
-"""GPU-only attention tests: the compiled Pallas (Triton-lowered) kernel, our jax-triton
-forward, and the cuDNN dispatch branch, each against the plain-JAX reference evaluated in float32
-on upcast inputs (exact float32 products). Skipped on CPU (see conftest); the same Pallas code
+"""GPU-only attention tests: the compiled Pallas (Triton-lowered) kernel, the jax-triton
+baseline forward (experiments/baselines/jax_triton_fwd.py) and the cuDNN dispatch branch, each
+against the plain-JAX reference evaluated in float32 on upcast inputs (exact float32 products). Skipped on CPU (see conftest); the same Pallas code
 paths run in interpret mode in tests/test_flash_attention.py.
 
 Tolerances (relative L2 error): float32 1e-4, float16 1e-2, bfloat16 3e-2.
@@ -14,34 +14,20 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import flash_attention, reference_attention
+from tests.test_flash_attention import fwd_bwd, make_inputs, rel_err
 
 pytestmark = pytest.mark.gpu
 TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
 
 
-def _inputs(seed, B, Tq, Tk, Hq, Hkv, D, dtype):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    mk = lambda k, s: jax.random.normal(k, s, jnp.float32).astype(dtype)
-    return (mk(ks[0], (B, Tq, Hq, D)), mk(ks[1], (B, Tk, Hkv, D)), mk(ks[2], (B, Tk, Hkv, D)),
-            mk(ks[3], (B, Tq, Hq, D)))
-
-
-def _fwd_bwd(fn, q, k, v, do, **kw):
-    @jax.jit
-    def run(q, k, v, do):
-        o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kw), q, k, v)
-        return (o, *vjp(do))
-    return run(q, k, v, do)
-
-
 def _rel(x, r):
-    x, r = np.asarray(x, np.float64), np.asarray(r, np.float64)
-    return np.linalg.norm(x - r) / max(np.linalg.norm(r), 1e-30)
+    """Relative L2 error against a float32 reference."""
+    return rel_err(x, np.asarray(r, np.float64))
 
 
 def _ref(q, k, v, do, **kw):
     up = lambda x: x.astype(jnp.float32)
-    return _fwd_bwd(reference_attention, up(q), up(k), up(v), up(do), **kw)
+    return fwd_bwd(reference_attention, up(q), up(k), up(v), up(do), **kw)
 
 
 CASES = [
@@ -62,12 +48,12 @@ CASES = [
 @pytest.mark.parametrize("B,Tq,Tk,Hq,Hkv,D,causal,segs,dtype", CASES)
 def test_compiled_pallas_matches_reference(B, Tq, Tk, Hq, Hkv, D, causal, segs, dtype, backend):
     # backend=None picks the Mosaic GPU forward on Hopper where it supports the call, else triton.
-    q, k, v, do = _inputs(Tq + 7 * Tk + D, B, Tq, Tk, Hq, Hkv, D, jnp.dtype(dtype))
+    q, k, v, do = make_inputs(Tq + 7 * Tk + D, B, Tq, Tk, Hq, Hkv, D, jnp.dtype(dtype))
     seg = None
     if segs:
         ids = np.sort(np.random.default_rng(0).integers(0, 4, (B, Tq)), axis=1).astype(np.int32)
         seg = jnp.asarray(ids)
-    out = _fwd_bwd(flash_attention, q, k, v, do, causal=causal, segment_ids=seg, interpret=False,
+    out = fwd_bwd(flash_attention, q, k, v, do, causal=causal, segment_ids=seg, interpret=False,
                    backend=backend)
     ref = _ref(q, k, v, do, causal=causal, segment_ids=seg)
     for name, x, r in zip(("o", "dq", "dk", "dv"), out, ref):
@@ -82,9 +68,9 @@ def test_compiled_pallas_matches_reference(B, Tq, Tk, Hq, Hkv, D, causal, segs, 
     (1, 200, 513, 4, 1, 128, True), (1, 513, 200, 4, 2, 64, True), (1, 129, 257, 2, 2, 256, False)])
 def test_jax_triton_forward_matches_reference(B, Tq, Tk, Hq, Hkv, D, causal):
     pytest.importorskip("jax_triton", reason="jax-triton not installed")
-    from pallas_kernels.triton_fwd import triton_flash_forward
+    from experiments.baselines.jax_triton_fwd import triton_flash_forward
 
-    q, k, v, _ = _inputs(Tq + Tk, B, Tq, Tk, Hq, Hkv, D, jnp.bfloat16)
+    q, k, v, _ = make_inputs(Tq + Tk, B, Tq, Tk, Hq, Hkv, D, jnp.bfloat16)
     o = jax.jit(lambda q, k, v: triton_flash_forward(q, k, v, causal=causal))(q, k, v)
     up = lambda x: x.astype(jnp.float32)
     r = reference_attention(up(q), up(k), up(v), causal=causal)
@@ -95,8 +81,8 @@ def test_jax_triton_forward_matches_reference(B, Tq, Tk, Hq, Hkv, D, causal):
 def test_dispatch_gpu_impls(impl):
     from research.nn.attention import attention
 
-    q, k, v, do = _inputs(1, 2, 256, 256, 4, 4, 64, jnp.bfloat16)
-    out = _fwd_bwd(lambda q, k, v, **kw: attention(q, k, v, impl=impl, **kw), q, k, v, do,
+    q, k, v, do = make_inputs(1, 2, 256, 256, 4, 4, 64, jnp.bfloat16)
+    out = fwd_bwd(lambda q, k, v, **kw: attention(q, k, v, impl=impl, **kw), q, k, v, do,
                    causal=True)
     ref = _ref(q, k, v, do, causal=True)
     for x, r in zip(out, ref):

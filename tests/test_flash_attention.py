@@ -243,3 +243,19 @@ def test_compiled_kernel_without_gpu_raises():
     x = _x((1, 8, 2, 16))
     with pytest.raises(RuntimeError, match="needs a GPU backend"):
         flash_attention(x, x, x, interpret=False)
+
+
+@pytest.mark.parametrize("fn", [flash_attention, reference_attention], ids=["pallas", "xla"])
+@pytest.mark.parametrize("sm_scale", [0.0, -0.125, float("nan"), float("inf"), -float("inf")])
+def test_bad_sm_scale_raises_eagerly(fn, sm_scale):
+    """sm_scale <= 0 or non-finite: ValueError naming the argument, before anything is traced
+    (also under an outer jit, where only the arrays are traced)."""
+    x = _x((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="sm_scale"):
+        fn(x, x, x, sm_scale=sm_scale)
+    with pytest.raises(ValueError, match="sm_scale"):
+        jax.jit(lambda q: fn(q, x, x, sm_scale=sm_scale))(x)
+    with pytest.raises(TypeError, match="sm_scale"):
+        fn(x, x, x, sm_scale="0.1")
+    ok = fn(x, x, x, sm_scale=np.float32(0.25))   # numpy scalars are fine
+    assert ok.shape == x.shape

@@ -1,7 +1,7 @@
 """Mosaic GPU (Hopper) FlashAttention forward: Mosaic GPU interpret mode on CPU, compiled on H100.
 
 CPU (no GPU needed):
-* values of ``o`` and ``lse2`` from :func:`pallas_kernels.mosaic_fwd.mosaic_flash_fwd` in Mosaic
+* values of ``o`` and ``lse2`` from :func:`pallas_kernels.attention.mosaic_fwd.mosaic_flash_fwd` in Mosaic
   GPU interpret mode (simulated SMEM, TMA, barriers, wgmma, three warpgroup threads) against a
   float64 numpy oracle (K/V heads repeated with ``np.repeat``, mask by broadcasting, natural
   log converted to base 2), over a small grid: causal / non-causal, Tq != Tk both ways, GQA,
@@ -20,7 +20,7 @@ CPU (no GPU needed):
   interpreter's barrier simulation is deadlock- and phase-checked (every completed phase of the
   ping-pong "turn" barriers must be observed); its wgmma is synchronous and ignores ``wait_n``,
   so the asynchronous ordering of the overlapped schedules is checked only by reasoning
-  (comments in ``mosaic_fwd._consumer_rotated``) and, on a GPU, by the compiled tests;
+  (comments in ``attention.mosaic_fwd._consumer_rotated``) and, on a GPU, by the compiled tests;
 * backend selection, the table's schedule column, the ``--tune`` sweep logic of
   ``experiments/bench_attention.py`` (with a stub timer) and the error cases.
 
@@ -33,7 +33,6 @@ bfloat16 1e-2 (observed ~2e-3), float16 2e-3 (observed ~3e-4); ``lse2`` absolute
 """
 from __future__ import annotations
 
-import importlib
 import re
 
 import numpy as np
@@ -43,25 +42,18 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import flash_attention
-from pallas_kernels._common import AttnStatic
-from pallas_kernels.flash_attention import resolve_backend
-from pallas_kernels.mosaic_fwd import SCHEDULES, mosaic_flash_fwd
+from pallas_kernels.attention import tuning
+from pallas_kernels.attention.common import AttnStatic
+from pallas_kernels.attention.mosaic_common import is_hopper
+from pallas_kernels.attention.mosaic_fwd import SCHEDULES, mosaic_flash_fwd
+from pallas_kernels.attention.tuning import resolve_backend
 from tests.test_flash_attention import make_inputs, oracle, rel_err
-
-# the module (the package binds the name flash_attention to the function)
-fa_mod = importlib.import_module("pallas_kernels.flash_attention")
 
 O_TOL = {"bfloat16": 1e-2, "float16": 2e-3}
 LSE_TOL = 1e-4
 
 
-def _is_hopper():
-    if jax.default_backend() != "gpu":
-        return False
-    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
-
-
-hopper_only = pytest.mark.skipif(not _is_hopper(),
+hopper_only = pytest.mark.skipif(not is_hopper(),
                                  reason="needs a Hopper GPU (compute capability 9.x)")
 
 
@@ -179,8 +171,8 @@ def test_mosaic_fwd_race_detector(schedule):
 
 def test_flash_attention_uses_table_schedule(monkeypatch):
     """The schedule column of the Mosaic table reaches the kernel (and gives correct values)."""
-    monkeypatch.setattr(fa_mod, "_MOSAIC_INTERPRET", (64, 2, "overlap+pingpong"))
-    cfg = fa_mod.mosaic_kernel_config(64, 200, interpret=True)
+    monkeypatch.setattr(tuning, "MOSAIC_INTERPRET", (64, 2, "overlap+pingpong"))
+    cfg = tuning.mosaic_kernel_config(64, 200, interpret=True)
     assert (cfg.block_k, cfg.num_stages, cfg.schedule) == (64, 2, "overlap+pingpong")
     q, k, v, _ = make_inputs(11, 1, 100, 200, 2, 1, 64, jnp.bfloat16)
     f = lambda q, k, v: flash_attention(q, k, v, causal=True, backend="mosaic", interpret=True)
@@ -190,15 +182,15 @@ def test_flash_attention_uses_table_schedule(monkeypatch):
     st = _static(1, 100, 200, 2, 1, 64, True, "bfloat16", 64, interpret=True)
     o_ref, _ = oracle_fwd(q, k, v, st)
     assert rel_err(np.asarray(o, np.float64), o_ref) < O_TOL["bfloat16"]
-    monkeypatch.setattr(fa_mod, "_MOSAIC_INTERPRET", (64, 2, "fastest"))
+    monkeypatch.setattr(tuning, "MOSAIC_INTERPRET", (64, 2, "fastest"))
     with pytest.raises(ValueError, match="schedule 'fastest'"):
-        fa_mod.mosaic_kernel_config(64, 200, interpret=True)
+        tuning.mosaic_kernel_config(64, 200, interpret=True)
 
 
 def test_table_defaults_serial_until_measured():
-    for D, (bk, slots, schedule) in fa_mod._MOSAIC_TABLE.items():
+    for D, (bk, slots, schedule) in tuning.MOSAIC_TABLE.items():
         assert schedule == "serial", (D, schedule)   # flip only after a GPU measurement
-        assert fa_mod.mosaic_kernel_config(D, 4096, interpret=False).schedule == schedule
+        assert tuning.mosaic_kernel_config(D, 4096, interpret=False).schedule == schedule
 
 
 def test_bench_tune_mosaic_sweeps_schedules(monkeypatch, capsys):
@@ -209,17 +201,17 @@ def test_bench_tune_mosaic_sweeps_schedules(monkeypatch, capsys):
 
     def fake_bench(impl, B, T, H, D, causal, dtype, reps, inner, interpret, fwd_bwd=True):
         assert impl == "mosaic" and not fwd_bwd
-        cfg = fa_mod._MOSAIC_TABLE[D]
+        cfg = tuning.MOSAIC_TABLE[D]
         return {"fwd_ms": 1.0 if cfg == fastest else 2.0 + SCHEDULES.index(cfg[2])}
 
     monkeypatch.setattr(ba, "bench_jax", fake_bench)
-    monkeypatch.setitem(fa_mod._MOSAIC_TABLE, 128, fa_mod._MOSAIC_TABLE[128])
+    monkeypatch.setitem(tuning.MOSAIC_TABLE, 128, tuning.MOSAIC_TABLE[128])
     recs = []
     ba.tune_mosaic([128], 256, 512, 256, jnp.bfloat16, 1, 1, "cpu", recs)
     want = {(bk, sl, sc) for sc in SCHEDULES for bk, sl in ba.MOSAIC_CANDIDATES[128]}
     assert {tuple(r["config"]) for r in recs} == want
     assert len(recs) == 2 * len(want)                        # causal and non-causal each
-    assert fa_mod._MOSAIC_TABLE[128] == fastest
+    assert tuning.MOSAIC_TABLE[128] == fastest
     assert "schedule pingpong" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown Mosaic schedules"):
         ba.tune_mosaic([128], 256, 512, 256, jnp.bfloat16, 1, 1, "cpu", [], schedules=["fa4"])
@@ -278,17 +270,17 @@ def test_backend_resolution():
     assert resolve_backend(None, interpret=False, dtype=bf16, D=256) == "triton"
     assert resolve_backend(None, interpret=False, dtype=bf16, D=128, has_segments=True) == "triton"
     assert resolve_backend(None, interpret=False, dtype=bf16, D=128, block_q=64) == "triton"
-    expect = "mosaic" if (fa_mod._MOSAIC_AUTO and _is_hopper()) else "triton"
+    expect = "mosaic" if (tuning.MOSAIC_AUTO and is_hopper()) else "triton"
     assert resolve_backend(None, interpret=False, dtype=bf16, D=128) == expect
 
 
 def test_auto_picks_mosaic_only_on_hopper_when_enabled(monkeypatch):
     bf16 = jnp.bfloat16
-    monkeypatch.setattr(fa_mod, "_MOSAIC_AUTO", True)
-    expect = "mosaic" if _is_hopper() else "triton"
+    monkeypatch.setattr(tuning, "MOSAIC_AUTO", True)
+    expect = "mosaic" if is_hopper() else "triton"
     assert resolve_backend(None, interpret=False, dtype=bf16, D=128) == expect
     assert resolve_backend(None, interpret=False, dtype=bf16, D=256) == "triton"
-    monkeypatch.setattr(fa_mod, "_MOSAIC_AUTO", False)
+    monkeypatch.setattr(tuning, "MOSAIC_AUTO", False)
     assert resolve_backend(None, interpret=False, dtype=bf16, D=128) == "triton"
 
 

@@ -1,4 +1,4 @@
-"""Hopper Mosaic GPU FlashAttention backward (``pallas_kernels.mosaic_bwd``) vs a float64 oracle.
+"""Hopper Mosaic GPU FlashAttention backward (``pallas_kernels.attention.mosaic_bwd``) vs a float64 oracle.
 
 CPU tests run both kernels (dK/dV and dQ) in Pallas' *GPU interpret mode*, which simulates SMEM,
 TMA copies, mbarriers, wgmma and the producer / consumer warpgroups as concurrent threads; lse and
@@ -29,9 +29,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import reference_attention
-from pallas_kernels._common import AttnStatic
-from pallas_kernels.mosaic_bwd import (MOSAIC_BWD_DEFAULT_BLOCKS, _mosaic_flash_bwd,
-                                       mosaic_flash_bwd, smem_bytes)
+from pallas_kernels.attention.common import AttnStatic
+from pallas_kernels.attention.mosaic_bwd import _mosaic_flash_bwd, mosaic_flash_bwd, smem_bytes
+from pallas_kernels.attention.mosaic_common import is_hopper
+from pallas_kernels.attention.tuning import MOSAIC_BWD_TABLE
 
 TOL = {"bfloat16": 1e-2, "float16": 2e-3}
 
@@ -86,7 +87,7 @@ def _pad_garbage(x, T, seed):
 
 def build_case(B, Tq, Tk, Hq, Hkv, D, causal, dtype, blocks_dkdv, blocks_dq, seed=0,
                interpret=True):
-    """Padded kernel inputs + AttnStatics (as flash_attention.py builds them) + float64 grads.
+    """Padded kernel inputs + AttnStatics (as attention/op.py builds them) + float64 grads.
 
     The padding (q, k, v, do rows and lse / delta entries past the true lengths) is finite
     nonzero *garbage*, not zeros: the kernels must mask padded key columns and query rows
@@ -118,25 +119,22 @@ def build_case(B, Tq, Tk, Hq, Hkv, D, causal, dtype, blocks_dkdv, blocks_dq, see
 # ------------------------------------------------------------------------------ interpret grid
 # (B, Tq, Tk, Hq, Hkv, D, causal, dtype, (bq, bk) dK/dV kernel, (bq, bk) dQ kernel)
 CASES = [
-    pytest.param(1, 100, 100, 2, 1, 64, True, "bfloat16", (64, 64), (64, 64),
-                 id="bf16-causal-gqa2-ragged"),
-    pytest.param(1, 50, 100, 1, 1, 64, False, "float16", (64, 64), (64, 64),
-                 id="f16-noncausal-TqltTk"),
-    pytest.param(1, 50, 100, 2, 1, 64, True, "bfloat16", (64, 64), (64, 64),
-                 id="bf16-causal-TqltTk-gqa2"),
-    pytest.param(1, 100, 50, 2, 1, 64, True, "float16", (64, 64), (64, 64),
-                 id="f16-causal-TqgtTk-emptyrows-gqa2"),
-    pytest.param(2, 70, 70, 4, 2, 64, True, "float16", (64, 128), (128, 64),
-                 id="f16-causal-2consumerWGs-gqa2-B2"),
-    pytest.param(1, 60, 60, 1, 1, 128, True, "bfloat16", (64, 64), (64, 64),
-                 id="bf16-causal-D128"),
+    (1, 100, 100, 2, 1, 64, True, "bfloat16", (64, 64), (64, 64)),   # causal, GQA 2, ragged
+    (1, 50, 100, 1, 1, 64, False, "float16", (64, 64), (64, 64)),    # non-causal, Tq < Tk
+    (1, 50, 100, 2, 1, 64, True, "bfloat16", (64, 64), (64, 64)),    # causal, Tq < Tk, GQA 2
+    (1, 100, 50, 2, 1, 64, True, "float16", (64, 64), (64, 64)),     # Tq > Tk: rows see no key
+    (2, 70, 70, 4, 2, 64, True, "float16", (64, 128), (128, 64)),    # 2 consumer WGs, B=2
+    (1, 60, 60, 1, 1, 128, True, "bfloat16", (64, 64), (64, 64)),    # D=128
 ]
+CASE_IDS = ["bf16-causal-gqa2-ragged", "f16-noncausal-TqltTk", "bf16-causal-TqltTk-gqa2",
+            "f16-causal-TqgtTk-emptyrows-gqa2", "f16-causal-2consumerWGs-gqa2-B2",
+            "bf16-causal-D128"]
 
 
 # The garbage-padded query rows can overflow float16 in the dQ kernel; those rows of dq are
 # unspecified (sliced off by the caller) and numpy warns inside the simulated wgmma.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("B,Tq,Tk,Hq,Hkv,D,causal,dtype,bkv,bdq", CASES)
+@pytest.mark.parametrize("B,Tq,Tk,Hq,Hkv,D,causal,dtype,bkv,bdq", CASES, ids=CASE_IDS)
 def test_interpret_matches_float64(B, Tq, Tk, Hq, Hkv, D, causal, dtype, bkv, bdq):
     args, st, st_dq, (dq64, dk64, dv64) = build_case(B, Tq, Tk, Hq, Hkv, D, causal, dtype,
                                                      bkv, bdq, seed=Tq * 7 + Tk)
@@ -157,7 +155,7 @@ def test_interpret_no_races_in_smem_ring():
     both kernels with two consumer warpgroups. (Dropping the producer's ``free`` wait makes
     it report a race.)"""
     from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
-    from pallas_kernels.mosaic_bwd import _dkdv_call, _dq_call
+    from pallas_kernels.attention.mosaic_bwd import _dkdv_call, _dq_call
 
     args, st, st_dq, (_, dk64, _) = build_case(1, 70, 70, 4, 2, 64, True, "float16",
                                                (64, 128), (128, 64))
@@ -190,11 +188,11 @@ def test_oracle_matches_reference_attention():
 
 
 # ------------------------------------------------------------------------------ CUDA lowering
-@pytest.mark.parametrize("D", sorted(MOSAIC_BWD_DEFAULT_BLOCKS))
+@pytest.mark.parametrize("D", sorted(MOSAIC_BWD_TABLE))
 def test_compiled_kernels_lower_for_hopper(D):
     """Lower the compiled kernels (default GPU blocks) for CUDA on this host: Mosaic GPU runs
     layout inference, the wgmma / TMA / barrier lowering and its SMEM check here (sm_90)."""
-    bkv, bdq = MOSAIC_BWD_DEFAULT_BLOCKS[D]
+    bkv, bdq = MOSAIC_BWD_TABLE[D]
     T, Hq, Hkv = 256, 4, 2
     st = AttnStatic(Tq=T - 5, Tk=T - 9, Tq_pad=T, Tk_pad=T, D=D, group=Hq // Hkv,
                     block_q=bkv[0], block_k=bkv[1], causal=True, has_segments=False,
@@ -264,28 +262,20 @@ def test_interpret_flag_checked():
     args, st = _small()
     with pytest.raises(TypeError, match="interpret must be a bool"):
         mosaic_flash_bwd(*args, st, interpret=None)
-    if not any(d.platform == "gpu" for d in jax.devices()):
+    if not is_hopper():
         with pytest.raises(RuntimeError, match="Hopper"):
             mosaic_flash_bwd(*args, st, interpret=False)
 
 
 # ------------------------------------------------------------------------------ GPU (compiled)
-def _hopper():
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        return False
-    return bool(gpus) and str(getattr(gpus[0], "compute_capability", "")).startswith("9.")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_compiled_matches_float64(D, causal, dtype):
-    if not _hopper():
+    if not is_hopper():
         pytest.skip("compiled Mosaic GPU backward needs a Hopper GPU (compute capability 9.x)")
-    bkv, bdq = MOSAIC_BWD_DEFAULT_BLOCKS[D]
+    bkv, bdq = MOSAIC_BWD_TABLE[D]
     B, Tq, Tk, Hq, Hkv = 2, 300, 333, 4, 2
     args, st, st_dq, (dq64, dk64, dv64) = build_case(B, Tq, Tk, Hq, Hkv, D, causal, dtype,
                                                      bkv, bdq, seed=D, interpret=False)

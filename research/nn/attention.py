@@ -1,7 +1,14 @@
 """Attention dispatch: one signature, several implementations.
 
-Layout ``[batch, seq, heads, head_dim]``. ``impl="xla"`` is the plain-JAX reference
-(``pallas_kernels.reference_attention``); the kernel issue adds ``"pallas"`` and ``"cudnn"``.
+Layout ``[batch, seq, heads, head_dim]`` (grouped-query attention when ``Hq % Hkv == 0``).
+Implementations (``IMPLS``):
+
+* ``"xla"``: the plain-JAX reference, ``pallas_kernels.reference_attention``; any backend.
+* ``"pallas"``: ``pallas_kernels.flash_attention`` (kernels in ``pallas_kernels/attention/``,
+  backend chosen by its ``tuning`` policy); compiled on a GPU, Pallas interpret mode elsewhere
+  (slow: tiny shapes only on CPU).
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``; CUDA GPU only, no
+  ``segment_ids``, causal only with ``Tq == Tk``.
 """
 from __future__ import annotations
 
@@ -19,8 +26,9 @@ def attention(q, k, v, *, impl: str = "xla", causal: bool = False, segment_ids=N
       q: [B, Tq, Hq, D]; k, v: [B, Tk, Hkv, D] with Hq % Hkv == 0.
       impl: implementation name, one of ``IMPLS``.
       causal: causal mask (bottom-right aligned).
-      segment_ids: int32 [B, T]; attention only within equal ids.
-      sm_scale: softmax scale, default 1/sqrt(D).
+      segment_ids: int32 [B, T] (or a ``(q_ids, kv_ids)`` pair for xla / pallas); attention
+        only within equal ids.
+      sm_scale: softmax scale, default 1/sqrt(D); a finite number > 0.
 
     Returns:
       o: [B, Tq, Hq, D] in q's dtype.

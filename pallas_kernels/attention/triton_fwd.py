@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (AttnStatic, dot_nn, dot_nt, kv_block_range,
-                                    q_block_index_maps, score_mask)
+from pallas_kernels.attention.common import (AttnStatic, dot_nn, dot_nt, kv_block_range,
+                                             q_block_index_maps, score_mask)
 
 
 def _fwd_kernel(*refs, st: AttnStatic):

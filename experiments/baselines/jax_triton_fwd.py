@@ -1,12 +1,15 @@
-"""Hand-written Triton FlashAttention forward, called from JAX through ``jax_triton.triton_call``.
+"""Benchmark baseline: a hand-written Triton FlashAttention forward, called from JAX through
+``jax_triton.triton_call``.
 
-A second GPU path next to the Pallas kernel, so the benchmark can compare Pallas-generated and
-hand-written Triton code. Forward only (no VJP), no segment ids. Same conventions as
+Not one of our kernels (those are in ``pallas_kernels/attention/``): a second GPU path next to the
+Pallas kernels, so ``experiments/bench_attention.py`` can compare Pallas-generated and hand-written
+Triton code. Forward only (no VJP), no segment ids. Same conventions as
 :func:`pallas_kernels.reference_attention`: ``[B, T, H, D]`` layout, GQA by ``h // group``,
 bottom-right causal alignment, rows with no visible key -> 0, any ``Tq``/``Tk`` (masked loads).
 
 ``triton`` and ``jax_triton`` are imported lazily, on the first call, and only on a GPU backend;
-there is no interpret mode (``jax_triton`` has none), so this is GPU-only.
+there is no interpret mode (``jax_triton`` has none), so this is GPU-only. ``jax_triton`` is not in
+the GPU image (``experiments/gpu_check.sh`` does not use this baseline); carry it as a wheel.
 """
 from __future__ import annotations
 
@@ -17,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.reference import check_attention_args
+from pallas_kernels.attention.reference import check_attention_args
+from pallas_kernels.attention.tuning import GPU_TABLE
 
 __all__ = ["triton_flash_forward"]
 
-# head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages); see docs/benchmarks/attention_notes.md
-_TABLE = {16: (128, 64, 8, 4), 32: (128, 64, 8, 4), 64: (128, 64, 8, 4),
-          128: (128, 128, 8, 3), 256: (64, 32, 4, 2)}  # same as the Pallas forward's table
+# head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages): the Pallas forward's table entries
+_TABLE = {D: fwd for D, (fwd, _dkdv, _dq) in GPU_TABLE.items()}
 
 
 @functools.cache

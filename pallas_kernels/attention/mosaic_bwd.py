@@ -1,7 +1,7 @@
 """FlashAttention backward for Hopper in Pallas Mosaic GPU (wgmma + TMA + warp specialisation).
 
-Same math and conventions as :func:`pallas_kernels._bwd_kernel.flash_bwd` (see that module and
-``_common.py``): padded inputs, base-2 log-sum-exp ``lse`` (``+inf`` for rows that see no key),
+Same math and conventions as :func:`pallas_kernels.attention.triton_bwd.flash_bwd` (see that
+module and ``common.py``): padded inputs, base-2 log-sum-exp ``lse`` (``+inf`` for rows that see no key),
 ``delta = rowsum(dO * O)``, bottom-right causal alignment, GQA summed over the query heads that
 share a kv head without repeating K/V. Probabilities are recomputed block by block,
 ``P = exp2(s2 - lse)`` with ``s2 = (q . k) * sm_scale * log2(e)``, and
@@ -59,28 +59,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import AttnStatic, kv_block_range, q_block_range
+from pallas_kernels.attention.common import AttnStatic, kv_block_range, q_block_range
+from pallas_kernels.attention.mosaic_common import (CONSUMER_REGS, MOSAIC_BLOCKS, MOSAIC_DTYPES,
+                                                    MOSAIC_HEAD_DIMS, PRODUCER_REGS, SMEM_LIMIT,
+                                                    WG_ROWS, compiler_params, interpret_params,
+                                                    is_hopper, matmul, no_hopper_message,
+                                                    smem_transforms, visible, wait_slot_free)
 
-__all__ = ["mosaic_flash_bwd", "MOSAIC_BWD_HEAD_DIMS", "MOSAIC_BWD_BLOCKS",
-           "MOSAIC_BWD_DEFAULT_BLOCKS", "smem_bytes"]
+__all__ = ["mosaic_flash_bwd", "smem_bytes"]
 
-MOSAIC_BWD_HEAD_DIMS = (64, 128)
-MOSAIC_BWD_BLOCKS = (64, 128)
-# Head dim -> ((block_q, block_k) of the dK/dV kernel, (block_q, block_k) of the dQ kernel).
-# Chosen from the SMEM / register budget (see docs/benchmarks/attention_mosaic_bwd.md), NOT
-# tuned on a GPU: 128 key (dK/dV) / query (dQ) rows = 2 consumer warpgroups per CTA; at D=128
-# the streamed tile is 64 so that SMEM (<= 227 KiB) and the consumer registers (dK + dV
-# accumulators 128 + S^T / dP^T 64 per thread) fit.
-MOSAIC_BWD_DEFAULT_BLOCKS = {
-    64: ((128, 128), (128, 128)),
-    128: ((64, 128), (128, 64)),
-}
-_WG_ROWS = 64        # rows of one warpgroup's wgmma (M)
+_WG_ROWS = WG_ROWS   # rows of one warpgroup's wgmma (M)
 _STAGES = 2          # depth of the streamed-operand SMEM ring
-_PRODUCER_REGS = 40  # setmaxnreg: 40 * 128 + 232 * 256 <= 65536 registers per SM
-_CONSUMER_REGS = 232
-_DTYPES = ("bfloat16", "float16")
-_SMEM_LIMIT = 232448  # bytes of dynamic SMEM per CTA on H100/H200 (227 KiB), as Mosaic GPU checks
 
 
 def smem_bytes(st: AttnStatic, kernel: str) -> int:
@@ -100,23 +89,23 @@ def smem_bytes(st: AttnStatic, kernel: str) -> int:
 def _check(q, k, v, do, lse, delta, st: AttnStatic, name: str):
     if st.has_segments:
         raise ValueError("mosaic_flash_bwd does not support segment_ids; use the Triton backend")
-    if st.dtype not in _DTYPES or q.dtype.name != st.dtype:
+    if st.dtype not in MOSAIC_DTYPES or q.dtype.name != st.dtype:
         raise TypeError(f"mosaic_flash_bwd supports bfloat16/float16 inputs only; got "
                         f"q.dtype={q.dtype}, st.dtype={st.dtype!r}")
     if not (q.dtype == k.dtype == v.dtype == do.dtype):
         raise TypeError(f"q, k, v, do must share one dtype, got {q.dtype}, {k.dtype}, "
                         f"{v.dtype}, {do.dtype}")
-    if st.D not in MOSAIC_BWD_HEAD_DIMS:
-        raise ValueError(f"mosaic_flash_bwd supports head_dim {MOSAIC_BWD_HEAD_DIMS}, got "
+    if st.D not in MOSAIC_HEAD_DIMS:
+        raise ValueError(f"mosaic_flash_bwd supports head_dim {MOSAIC_HEAD_DIMS}, got "
                          f"{st.D} (D=256 does not fit the register budget)")
     for bname, b in (("block_q", st.block_q), ("block_k", st.block_k)):
-        if b not in MOSAIC_BWD_BLOCKS:
-            raise ValueError(f"{name}: {bname} must be one of {MOSAIC_BWD_BLOCKS} for the "
+        if b not in MOSAIC_BLOCKS:
+            raise ValueError(f"{name}: {bname} must be one of {MOSAIC_BLOCKS} for the "
                              f"Mosaic GPU backward, got {b}")
     kernel = "dkdv" if name.startswith("dK") else "dq"
-    if smem_bytes(st, kernel) > _SMEM_LIMIT:
+    if smem_bytes(st, kernel) > SMEM_LIMIT:
         raise ValueError(f"{name}: block_q={st.block_q}, block_k={st.block_k}, D={st.D} needs "
-                         f"{smem_bytes(st, kernel)} bytes of SMEM > {_SMEM_LIMIT} on Hopper; use "
+                         f"{smem_bytes(st, kernel)} bytes of SMEM > {SMEM_LIMIT} on Hopper; use "
                          "smaller blocks (e.g. dK/dV block_q=64, dQ block_k=64 at D=128)")
     B, Tq_pad, Hq, D = q.shape
     if k.ndim != 4 or k.shape != v.shape:
@@ -137,23 +126,11 @@ def _check(q, k, v, do, lse, delta, st: AttnStatic, name: str):
                              f"{s.dtype} {s.shape}")
 
 
-def _smem_transforms(minor: int, dtype):
-    """Tiling + swizzle for a 2-D 16-bit SMEM operand whose minor dimension is ``minor``."""
-    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-            plgpu.SwizzleTransform(swizzle))
-
-
-def _matmul(a_ref, b_ref, shape):
-    """``a @ b`` by wgmma into a fresh float32 accumulator; returns the registers."""
-    def body(acc):
-        plgpu.wgmma(acc, a_ref, b_ref)
-        return plgpu.wgmma_accumulator_load(acc)
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def _compiler_params():
-    return plgpu.CompilerParams(approx_math=True)
+def _consumer_rows(wg):
+    """Consumer warpgroup ``wg``'s entry: take the registers the producer gave away; returns its
+    64 rows (the M of its wgmmas) of the CTA's block."""
+    plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+    return pl.ds(wg * _WG_ROWS, _WG_ROWS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -166,8 +143,7 @@ def _dkdv_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dk_g, dv_g,
     nc = bk // _WG_ROWS
     nq = st.Tq_pad // bq
     nq_full = st.Tq // bq                        # query blocks with no padded row
-    kb, h, b = (jax.lax.axis_index(n) for n in ("kb", "h", "b"))
-    wg = jax.lax.axis_index("wg")
+    kb, h, b, wg = (jax.lax.axis_index(n) for n in ("kb", "h", "b", "wg"))
     i_start, i_full = q_block_range(st, kb)
     n_i = nq - i_start                          # query blocks per head
     n_steps = G * n_i
@@ -175,7 +151,7 @@ def _dkdv_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dk_g, dv_g,
 
     @pl.when(wg == nc)
     def _producer():
-        plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
+        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
         kv_rows = pl.ds(kb * bk, bk)
         plgpu.copy_gmem_to_smem(k_g.at[b, kv_rows, h, :], k_s, kv_bar)
         plgpu.copy_gmem_to_smem(v_g.at[b, kv_rows, h, :], v_s, kv_bar)
@@ -186,11 +162,7 @@ def _dkdv_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dk_g, dv_g,
             i = i_start + t % n_i
             hq = h * G + g
             rows = pl.ds(i * bq, bq)
-
-            @pl.when(t >= _STAGES)
-            def _():
-                plgpu.barrier_wait(free.at[slot])
-
+            wait_slot_free(free, t, _STAGES)
             plgpu.copy_gmem_to_smem(q_g.at[b, rows, hq, :], q_s.at[slot], full.at[slot])
             plgpu.copy_gmem_to_smem(do_g.at[b, rows, hq, :], do_s.at[slot], full.at[slot])
             plgpu.copy_gmem_to_smem(lse_g.at[b, hq, rows], lse_s.at[slot], full.at[slot])
@@ -201,9 +173,7 @@ def _dkdv_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dk_g, dv_g,
 
     @pl.when(wg < nc)
     def _consumer():
-        plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
-        c = wg
-        my_rows = pl.ds(c * _WG_ROWS, _WG_ROWS)
+        c, my_rows = wg, _consumer_rows(wg)
         k_c, v_c = k_s.at[my_rows], v_s.at[my_rows]
         pT_c, dsT_c = pT_s.at[c], dsT_s.at[c]
         plgpu.barrier_wait(kv_bar)
@@ -213,22 +183,17 @@ def _dkdv_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dk_g, dv_g,
                 slot = t % _STAGES
                 plgpu.barrier_wait(full.at[slot])
                 q_t, do_t = q_s.at[slot], do_s.at[slot]
-                sT = _matmul(k_c, q_t.T, (_WG_ROWS, bq)) * st.scale2        # [64, bq]
+                sT = matmul(k_c, q_t.T, (_WG_ROWS, bq)) * st.scale2         # [64, bq]
                 lse = plgpu.load(lse_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 if masked:
-                    rows = i * bq + plgpu.broadcasted_iota(
-                        jnp.int32, (_WG_ROWS, bq), 1, layout=plgpu.Layout.WGMMA)
-                    cols = kb * bk + c * _WG_ROWS + plgpu.broadcasted_iota(
-                        jnp.int32, (_WG_ROWS, bq), 0, layout=plgpu.Layout.WGMMA)
-                    vis = (cols < st.Tk) & (rows < st.Tq)
-                    if st.causal:
-                        vis = vis & (cols <= rows + st.offset)
+                    vis = visible(st, i * bq, kb * bk + c * _WG_ROWS, (_WG_ROWS, bq),
+                                  transposed=True, mask_rows=True)
                     sT = jnp.where(vis, sT, -jnp.inf)
                 pT = jnp.exp2(sT - lse[None, :])
                 pT_c[...] = pT.astype(dt)
                 plgpu.commit_smem()
                 plgpu.wgmma(dv_acc, pT_c, do_t)                             # dV += P^T dO
-                dpT = _matmul(v_c, do_t.T, (_WG_ROWS, bq))                  # [64, bq]
+                dpT = matmul(v_c, do_t.T, (_WG_ROWS, bq))                   # [64, bq]
                 delta = plgpu.load(dl_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 dsT = pT * (dpT - delta[None, :])
                 dsT_c[...] = dsT.astype(dt)
@@ -268,7 +233,7 @@ def _dkdv_call(q, k, v, do, lse, delta, st: AttnStatic, interpret):
     Tk_pad, Hkv = k.shape[1], k.shape[2]
     bq, bk, dt = st.block_q, st.block_k, q.dtype
     nc = bk // _WG_ROWS
-    tD, tq = _smem_transforms(D, dt), _smem_transforms(bq, dt)
+    tD, tq = smem_transforms(D, dt), smem_transforms(bq, dt)
     scratch = [
         plgpu.SMEM((bk, D), dt, transforms=tD),                   # k_s
         plgpu.SMEM((bk, D), dt, transforms=tD),                   # v_s
@@ -286,7 +251,7 @@ def _dkdv_call(q, k, v, do, lse, delta, st: AttnStatic, interpret):
     kern = plgpu.kernel(
         functools.partial(_dkdv_kernel, st=st), out_type=out, scratch_types=scratch,
         grid=(Tk_pad // bk, Hkv, B), grid_names=("kb", "h", "b"),
-        num_threads=nc + 1, thread_name="wg", compiler_params=_compiler_params(),
+        num_threads=nc + 1, thread_name="wg", compiler_params=compiler_params(),
         interpret=interpret, kernel_name="flash_attention_bwd_dkdv_mosaic")
     return kern(q, k, v, do, lse, delta)
 
@@ -299,30 +264,24 @@ def _dq_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dq_g,
     bq, bk, D, G = st.block_q, st.block_k, st.D, st.group
     nc = bq // _WG_ROWS
     nq = st.Tq_pad // bq
-    pid, hq, b = (jax.lax.axis_index(n) for n in ("qb", "h", "b"))
+    pid, hq, b, wg = (jax.lax.axis_index(n) for n in ("qb", "h", "b", "wg"))
     # causal: heaviest query blocks (most visible keys) first.
     qb = (nq - 1 - pid) if st.causal else pid
-    wg = jax.lax.axis_index("wg")
     h = hq // G
     n_full, n_end = kv_block_range(st, qb)
     dt = q_g.dtype
 
     @pl.when(wg == nc)
     def _producer():
-        plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
+        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
         rows = pl.ds(qb * bq, bq)
-        plgpu.copy_gmem_to_smem(q_g.at[b, rows, hq, :], q_s, q_bar)
-        plgpu.copy_gmem_to_smem(do_g.at[b, rows, hq, :], do_s, q_bar)
-        plgpu.copy_gmem_to_smem(lse_g.at[b, hq, rows], lse_s, q_bar)
-        plgpu.copy_gmem_to_smem(delta_g.at[b, hq, rows], dl_s, q_bar)
+        for src, dst in ((q_g.at[b, rows, hq, :], q_s), (do_g.at[b, rows, hq, :], do_s),
+                         (lse_g.at[b, hq, rows], lse_s), (delta_g.at[b, hq, rows], dl_s)):
+            plgpu.copy_gmem_to_smem(src, dst, q_bar)     # the CTA's query block, once
 
         def issue(j, _):
             slot = j % _STAGES
-
-            @pl.when(j >= _STAGES)
-            def _():
-                plgpu.barrier_wait(free.at[slot])
-
+            wait_slot_free(free, j, _STAGES)
             cols = pl.ds(j * bk, bk)
             plgpu.copy_gmem_to_smem(k_g.at[b, cols, h, :], k_s.at[slot], full.at[slot])
             plgpu.copy_gmem_to_smem(v_g.at[b, cols, h, :], v_s.at[slot], full.at[slot])
@@ -332,9 +291,7 @@ def _dq_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dq_g,
 
     @pl.when(wg < nc)
     def _consumer():
-        plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
-        c = wg
-        my_rows = pl.ds(c * _WG_ROWS, _WG_ROWS)
+        c, my_rows = wg, _consumer_rows(wg)
         q_c, do_c, ds_c = q_s.at[my_rows], do_s.at[my_rows], ds_s.at[c]
         plgpu.barrier_wait(q_bar)
         lse = plgpu.load(lse_s.at[my_rows], layout=plgpu.Layout.WGMMA.reduce(1))
@@ -345,18 +302,12 @@ def _dq_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dq_g,
                 slot = j % _STAGES
                 plgpu.barrier_wait(full.at[slot])
                 k_t, v_t = k_s.at[slot], v_s.at[slot]
-                s = _matmul(q_c, k_t.T, (_WG_ROWS, bk)) * st.scale2          # [64, bk]
+                s = matmul(q_c, k_t.T, (_WG_ROWS, bk)) * st.scale2           # [64, bk]
                 if masked:
-                    rows = qb * bq + c * _WG_ROWS + plgpu.broadcasted_iota(
-                        jnp.int32, (_WG_ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
-                    cols = j * bk + plgpu.broadcasted_iota(
-                        jnp.int32, (_WG_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
-                    vis = cols < st.Tk
-                    if st.causal:
-                        vis = vis & (cols <= rows + st.offset)
+                    vis = visible(st, qb * bq + c * _WG_ROWS, j * bk, (_WG_ROWS, bk))
                     s = jnp.where(vis, s, -jnp.inf)
                 p = jnp.exp2(s - lse[:, None])
-                dp = _matmul(do_c, v_t.T, (_WG_ROWS, bk))
+                dp = matmul(do_c, v_t.T, (_WG_ROWS, bk))
                 ds = p * (dp - delta[:, None])
                 ds_c[...] = ds.astype(dt)
                 plgpu.commit_smem()
@@ -380,7 +331,7 @@ def _dq_call(q, k, v, do, lse, delta, st: AttnStatic, interpret):
     B, Tq_pad, Hq, D = q.shape
     bq, bk, dt = st.block_q, st.block_k, q.dtype
     nc = bq // _WG_ROWS
-    tD, tk = _smem_transforms(D, dt), _smem_transforms(bk, dt)
+    tD, tk = smem_transforms(D, dt), smem_transforms(bk, dt)
     scratch = [
         plgpu.SMEM((bq, D), dt, transforms=tD),                   # q_s
         plgpu.SMEM((bq, D), dt, transforms=tD),                   # do_s
@@ -396,7 +347,7 @@ def _dq_call(q, k, v, do, lse, delta, st: AttnStatic, interpret):
     kern = plgpu.kernel(
         functools.partial(_dq_kernel, st=st), out_type=jax.ShapeDtypeStruct(q.shape, dt),
         scratch_types=scratch, grid=(Tq_pad // bq, Hq, B), grid_names=("qb", "h", "b"),
-        num_threads=nc + 1, thread_name="wg", compiler_params=_compiler_params(),
+        num_threads=nc + 1, thread_name="wg", compiler_params=compiler_params(),
         interpret=interpret, kernel_name="flash_attention_bwd_dq_mosaic")
     return kern(q, k, v, do, lse, delta)
 
@@ -404,19 +355,13 @@ def _dq_call(q, k, v, do, lse, delta, st: AttnStatic, interpret):
 # ------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------
-def _interpret_params(interpret):
-    if isinstance(interpret, plgpu.InterpretGPUParams):
-        return interpret
-    return plgpu.InterpretGPUParams() if interpret else None
-
-
 def _mosaic_flash_bwd(q, k, v, do, lse, delta, st: AttnStatic, st_dq: AttnStatic | None,
                       interpret):
     """No backend check: also used to lower the compiled kernels for CUDA on a CPU host."""
     st_dq = st if st_dq is None else st_dq
     _check(q, k, v, do, lse, delta, st, "dK/dV kernel")
     _check(q, k, v, do, lse, delta, st_dq, "dQ kernel")
-    params = _interpret_params(interpret)
+    params = interpret_params(interpret)
     dk, dv = _dkdv_call(q, k, v, do, lse, delta, st, params)
     dq = _dq_call(q, k, v, do, lse, delta, st_dq, params)
     return dq, dk, dv
@@ -446,12 +391,6 @@ def mosaic_flash_bwd(q, k, v, do, lse, delta, st: AttnStatic, *, interpret: bool
     """
     if not isinstance(interpret, bool):
         raise TypeError(f"interpret must be a bool, got {interpret!r}")
-    if not interpret:
-        gpus = [d for d in jax.devices() if d.platform == "gpu"]
-        cc = getattr(gpus[0], "compute_capability", "") if gpus else ""
-        if not str(cc).startswith("9."):
-            raise RuntimeError(
-                "mosaic_flash_bwd(interpret=False) needs a Hopper GPU (compute capability 9.x); "
-                f"found {'no GPU' if not gpus else 'compute capability ' + str(cc)}. Pass "
-                "interpret=True to run the kernels in Mosaic GPU interpret mode.")
+    if not interpret and not is_hopper():
+        raise RuntimeError(no_hopper_message("mosaic_flash_bwd(interpret=False)"))
     return _mosaic_flash_bwd(q, k, v, do, lse, delta, st, st_dq, interpret)

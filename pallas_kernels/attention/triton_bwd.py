@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (AttnStatic, dot_nn, dot_nt, kv_block_range,
-                                    q_block_index_maps, q_block_range, score_mask)
+from pallas_kernels.attention.common import (AttnStatic, dot_nn, dot_nt, kv_block_range,
+                                             q_block_index_maps, q_block_range, score_mask)
 
 
 def _dkdv_kernel(*refs, st: AttnStatic):

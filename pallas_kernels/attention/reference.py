@@ -13,7 +13,8 @@ Conventions (shared with :func:`pallas_kernels.flash_attention`):
   ``(q_segment_ids [B, Tq], kv_segment_ids [B, Tk])``; query ``i`` attends key ``j`` only if
   their ids are equal (packed sequences; padding gets its own id).
 * A query row with no visible key gets output zeros (not NaN) and zero gradients.
-* ``sm_scale`` defaults to ``1 / sqrt(D)``. Scores, softmax statistics and accumulation are
+* ``sm_scale`` defaults to ``1 / sqrt(D)``; given, it must be a finite number > 0 (else
+  ``ValueError``, raised eagerly, before any tracing). Scores, softmax statistics and accumulation are
   float32; the output has ``q.dtype``.
 """
 from __future__ import annotations
@@ -77,10 +78,26 @@ def check_attention_args(q, k, v, segment_ids=None, sm_scale=None):
     if Hq % Hkv != 0:
         raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv}) for "
                          "grouped-query attention")
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(D)
+    sm_scale = _check_sm_scale(sm_scale, D)
     segs = _normalize_segment_ids(segment_ids, B, Tq, Tk)
-    return B, Tq, Tk, Hq, Hkv, D, float(sm_scale), segs
+    return B, Tq, Tk, Hq, Hkv, D, sm_scale, segs
+
+
+def _check_sm_scale(sm_scale, D):
+    """``1/sqrt(D)`` for ``None``; else ``float(sm_scale)``, which must be finite and > 0."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(sm_scale, (bool, str, bytes)):
+        raise TypeError(f"sm_scale must be a number, got {sm_scale!r}")
+    try:
+        value = float(sm_scale)
+    except TypeError as e:  # a tracer or a non-number: the scale is static
+        raise TypeError(f"sm_scale must be a concrete (static) number or None, got "
+                        f"{sm_scale!r}") from e
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"sm_scale must be a finite number > 0 (or None for 1/sqrt(head_dim)), "
+                         f"got {sm_scale!r}")
+    return value
 
 
 def attention_mask(Tq, Tk, *, causal=False, segs=None):

@@ -1,10 +1,10 @@
 """FlashAttention forward for Hopper GPUs in Pallas Mosaic GPU (wgmma + TMA + warp specialisation).
 
-Same contract as :func:`pallas_kernels._fwd_kernel.flash_fwd` (without segment ids): padded
+Same contract as :func:`pallas_kernels.attention.triton_fwd.flash_fwd` (without segment ids): padded
 ``q [B, Tq_pad, Hq, D]``, ``k, v [B, Tk_pad, Hkv, D]`` -> ``o`` like ``q`` and
 ``lse2 [B, Hq, Tq_pad]`` float32 in base-2 units (``+inf`` for rows that see no key). Key columns
 ``>= st.Tk`` are masked, causal attention is bottom-right aligned, and fully masked key blocks
-are skipped with :func:`pallas_kernels._common.kv_block_range`. GQA reads kv head ``h // group``
+are skipped with :func:`pallas_kernels.attention.common.kv_block_range`. GQA reads kv head ``h // group``
 straight from ``k``/``v`` (never repeated).
 
 Design (FA3-style, one CTA per ``(128-row query block, head, batch)``):
@@ -68,20 +68,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import AttnStatic, kv_block_range
+from pallas_kernels.attention.common import AttnStatic, kv_block_range
+from pallas_kernels.attention.mosaic_common import (CONSUMER_REGS, MOSAIC_BLOCK_Q, MOSAIC_BLOCKS,
+                                                    PRODUCER_REGS, SMEM_LIMIT, WG_ROWS,
+                                                    interpret_params, matmul,
+                                                    mosaic_unsupported_reason, smem_transforms,
+                                                    visible, wait_slot_free)
 
-__all__ = ["mosaic_flash_fwd", "mosaic_unsupported_reason", "smem_bytes", "MOSAIC_HEAD_DIMS",
-           "MOSAIC_DTYPES", "SCHEDULES"]
+__all__ = ["mosaic_flash_fwd", "smem_bytes", "SCHEDULES"]
 
-MOSAIC_HEAD_DIMS = (64, 128)
-MOSAIC_DTYPES = ("bfloat16", "float16")
-_BLOCK_Q = 128        # two consumer warpgroups x 64 rows
-_ROWS = 64            # rows per consumer warpgroup (wgmma M)
-_BLOCK_KS = (64, 128)
-# Register budget per thread (sum over the 3 warpgroups x 128 threads must stay <= 64K).
-_PRODUCER_REGS = 40
-_CONSUMER_REGS = 232
-_SMEM_LIMIT = 227 * 1024  # H100 / H200 opt-in shared memory per block
+_BLOCK_Q = MOSAIC_BLOCK_Q  # two consumer warpgroups x 64 rows
+_ROWS = WG_ROWS            # rows per consumer warpgroup (wgmma M)
 # Consumer schedules (module docstring): (intra-warpgroup overlap, inter-warpgroup ping-pong).
 _SCHEDULE_FLAGS = {
     "serial": (False, False),
@@ -90,18 +87,6 @@ _SCHEDULE_FLAGS = {
     "overlap+pingpong": (True, True),
 }
 SCHEDULES = tuple(_SCHEDULE_FLAGS)
-
-
-def mosaic_unsupported_reason(dtype, D, has_segments) -> str | None:
-    """Why the Mosaic GPU forward cannot run this call, or ``None`` if it can."""
-    name = jnp.dtype(dtype).name
-    if name not in MOSAIC_DTYPES:
-        return f"dtype {name} (the Mosaic GPU kernel supports {MOSAIC_DTYPES})"
-    if D not in MOSAIC_HEAD_DIMS:
-        return f"head_dim {D} (the Mosaic GPU kernel supports {MOSAIC_HEAD_DIMS})"
-    if has_segments:
-        return "segment_ids (the Mosaic GPU kernel has no segment masking)"
-    return None
 
 
 def smem_bytes(D, block_k, num_slots, dtype, p_via_smem) -> int:
@@ -113,13 +98,6 @@ def smem_bytes(D, block_k, num_slots, dtype, p_via_smem) -> int:
     return n + 1024  # barriers + alignment slack
 
 
-def _smem_transforms(minor_dim, dtype):
-    """Tiling + swizzle that ``wgmma`` / TMA expect for a 2-D SMEM operand."""
-    bits = jnp.dtype(dtype).itemsize * 8
-    swizzle = plgpu.find_swizzle(minor_dim * bits)
-    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
-
-
 def _check(q, k, v, st: AttnStatic, num_slots, interpret, p_via_smem, schedule):
     if schedule not in _SCHEDULE_FLAGS:
         raise ValueError(f"mosaic_flash_fwd: schedule must be one of {SCHEDULES}, "
@@ -129,8 +107,8 @@ def _check(q, k, v, st: AttnStatic, num_slots, interpret, p_via_smem, schedule):
         raise ValueError(f"mosaic_flash_fwd does not support {reason}")
     if st.block_q != _BLOCK_Q:
         raise ValueError(f"mosaic_flash_fwd needs block_q == {_BLOCK_Q}, got {st.block_q}")
-    if st.block_k not in _BLOCK_KS:
-        raise ValueError(f"mosaic_flash_fwd needs block_k in {_BLOCK_KS}, got {st.block_k}")
+    if st.block_k not in MOSAIC_BLOCKS:
+        raise ValueError(f"mosaic_flash_fwd needs block_k in {MOSAIC_BLOCKS}, got {st.block_k}")
     B, Tq_pad, Hq, D = q.shape
     if (Tq_pad, D) != (st.Tq_pad, st.D) or Tq_pad % _BLOCK_Q:
         raise ValueError(f"q shape {q.shape} does not match the static plan {st}")
@@ -143,9 +121,9 @@ def _check(q, k, v, st: AttnStatic, num_slots, interpret, p_via_smem, schedule):
     if not isinstance(num_slots, int) or num_slots < 1:
         raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
     smem = smem_bytes(D, st.block_k, num_slots, q.dtype, p_via_smem)
-    if smem > _SMEM_LIMIT:
+    if smem > SMEM_LIMIT:
         raise ValueError(f"mosaic_flash_fwd: D={D}, block_k={st.block_k}, num_slots={num_slots} "
-                         f"needs {smem} bytes of SMEM > {_SMEM_LIMIT} (H100 per-block limit)")
+                         f"needs {smem} bytes of SMEM > {SMEM_LIMIT} (Hopper per-block limit)")
     if interpret and not p_via_smem:
         raise ValueError("Mosaic GPU interpret mode simulates wgmma only with SMEM operands: "
                          "p_via_smem=False (P from registers) can only run compiled on a GPU")
@@ -161,13 +139,7 @@ def _softmax_step(s, m, l, j, r0, st: AttnStatic, masked):
     bk = st.block_k
     s = s * st.scale2                                  # base-2 units
     if masked:  # iotas built here, not hoisted: no registers held in unmasked steps
-        wgmma_layout = plgpu.Layout.WGMMA
-        cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 1, layout=wgmma_layout)
-        vis = cols < st.Tk
-        if st.causal:
-            rows = r0 + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bk), 0, layout=wgmma_layout)
-            vis = vis & (cols <= rows + st.offset)
-        s = jnp.where(vis, s, -jnp.inf)
+        s = jnp.where(visible(st, r0, j * bk, (_ROWS, bk)), s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     # a row may have seen no key yet (masked blocks only): keep exp2 arguments finite
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -198,20 +170,14 @@ def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
 
     @pl.when(wg == 2)
     def _producer():
-        plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
+        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
 
         def load(j, carry):
             slot = jax.lax.rem(j, S)
             rows = pl.ds(pl.multiple_of(j * bk, bk), bk)
-
-            @pl.when(j >= S)   # slot used before: wait until both consumers released it
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
+            wait_slot_free(k_free, j, S)   # slot used before: both consumers released it
             plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk, :], k_smem.at[slot], k_full.at[slot])
-
-            @pl.when(j >= S)
-            def _():
-                plgpu.barrier_wait(v_free.at[slot])
+            wait_slot_free(v_free, j, S)
             plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk, :], v_smem.at[slot], v_full.at[slot])
             return carry
 
@@ -229,7 +195,7 @@ def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
 
     @pl.when(wg < 2)
     def _consumer():
-        plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
+        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
         r0 = q_block * _BLOCK_Q + wg * _ROWS
         q_tile = q_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, _ROWS), h, :], q_tile, q_bar.at[wg])
@@ -268,12 +234,7 @@ def _consumer_serial(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_f
         slot = jax.lax.rem(j, S)
 
         plgpu.barrier_wait(k_full.at[slot])
-
-        def qk(acc):
-            plgpu.wgmma(acc, q_tile, k_smem.at[slot].T)
-            return acc[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((_ROWS, bk), jnp.float32))
+        s = matmul(q_tile, k_smem.at[slot].T, (_ROWS, bk))
         plgpu.barrier_arrive(k_free.at[slot])
         m_new, l, alpha, p = _softmax_step(s, m, l, j, r0, st, masked)
         p = p.astype(dtype)
@@ -285,12 +246,7 @@ def _consumer_serial(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_f
             p_op = p_smem.at[wg]
         else:
             p_op = p
-
-        def pv(acc):
-            plgpu.wgmma(acc, p_op, v_smem.at[slot])
-            return acc[...]
-
-        pv_val = pl.run_scoped(pv, plgpu.ACC((_ROWS, st.D), jnp.float32))
+        pv_val = matmul(p_op, v_smem.at[slot], (_ROWS, st.D))
         plgpu.barrier_arrive(v_free.at[slot])
         o = o * alpha[:, None] + pv_val
         return o, m_new, l
@@ -472,12 +428,12 @@ def mosaic_flash_fwd(q, k, v, st: AttnStatic, *, interpret: bool, num_slots: int
     nq = Tq_pad // _BLOCK_Q
     dtype = q.dtype
     bk, S = st.block_k, num_slots
-    tD = _smem_transforms(D, dtype)
+    tD = smem_transforms(D, dtype)
     scratch = [
         plgpu.SMEM((2, _ROWS, D), dtype, transforms=tD),          # q tiles (then o tiles)
         plgpu.SMEM((S, bk, D), dtype, transforms=tD),             # k ring
         plgpu.SMEM((S, bk, D), dtype, transforms=tD),             # v ring
-        (plgpu.SMEM((2, _ROWS, bk), dtype, transforms=_smem_transforms(bk, dtype))
+        (plgpu.SMEM((2, _ROWS, bk), dtype, transforms=smem_transforms(bk, dtype))
          if p_via_smem else None),                                # p tiles
         plgpu.SMEM((2, _ROWS), jnp.float32),                      # lse2 rows
         plgpu.Barrier(num_arrivals=1, num_barriers=2),            # q loaded
@@ -507,6 +463,6 @@ def mosaic_flash_fwd(q, k, v, st: AttnStatic, *, interpret: bool, num_slots: int
         grid_names=("qb", "h", "b"),
         num_threads=3,
         thread_name="wg",
-        interpret=plgpu.InterpretGPUParams(detect_races=detect_races) if interpret else None,
+        interpret=interpret_params(interpret, detect_races),
     )
     return kernel(q, k, v)

@@ -1,0 +1,1 @@
+"""Benchmark baselines that are not kernels of ours (third-party call paths)."""
