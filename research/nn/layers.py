@@ -1,5 +1,6 @@
 """Small layers shared by the models: RMSNorm, patchify/unpatchify, MLP, adaLN modulate, and
-``dense_dot_general`` (the matmul of every ``nn.Dense`` in the models; see its docstring)."""
+``dense_dot_general`` (an opt-in ``nn.Dense`` matmul with a CPU-friendly weight gradient, used by
+``DiT(custom_matmul_vjp=True)``; it has no forward-mode derivative, see its docstring)."""
 from __future__ import annotations
 
 from functools import partial
