@@ -145,3 +145,52 @@ def test_loop_accepts_positioned_iterable_and_checks_arguments(tmp_path):
         train_loop(state, step, _batches, num_steps=5, run_dir=tmp_path, eval_fn=lambda s, i: {}, progress=False)
     with pytest.raises(TypeError, match="batch_iter"):
         train_loop(state, step, 3, num_steps=5, run_dir=tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------- curves.png
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", head
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_loop_writes_curves_png(tmp_path):
+    state, step = _state_and_step()
+    train_loop(state, step, _batches, num_steps=12, run_dir=tmp_path, log_every=3, progress=False)
+    w, h = _png_size(tmp_path / "curves.png")
+    assert w > 3 * 300 and h > 200  # three panels: loss, learning rate, grad norm
+
+
+def test_plot_curves_skips_absent_metrics_and_handles_model_prefixes(tmp_path):
+    with MetricsLogger(tmp_path / "a", curves=False) as logger:
+        for s in (1, 2, 3):
+            logger.log(s, {"generator/loss": 1.0 / s, "discriminator/loss": float("nan") if s == 2 else 0.5,
+                           "eval/loss": 3.0})
+    assert not (tmp_path / "a" / "curves.png").exists()  # curves=False
+    out = tlog.plot_curves(tmp_path / "a")
+    w, _ = _png_size(out)
+    assert out == str(tmp_path / "a" / "curves.png") and w < 2 * 420  # only the loss panel
+    with MetricsLogger(tmp_path / "b") as logger:
+        logger.log(1, {"something_else": 1.0})
+    assert tlog.plot_curves(tmp_path / "b") is None and not (tmp_path / "b" / "curves.png").exists()
+    assert tlog.plot_curves(tmp_path / "missing") is None
+
+
+def test_loop_watches_a_named_metric(tmp_path):
+    state, step = _state_and_step()
+
+    def renamed(st, b):
+        st, m = step(st, b)
+        return st, {"generator/loss": m["loss"]}
+
+    with pytest.raises(KeyError, match="watched metric 'loss'"):
+        train_loop(state, renamed, _batches, num_steps=2, run_dir=tmp_path, progress=False)
+    state, step = _state_and_step()
+    with pytest.raises(FloatingPointError, match=r"non-finite generator/loss between step 1 and 3 \(first at step 2"):
+        train_loop(state, renamed, lambda s: _batches(s, nan_at=1), num_steps=6, run_dir=tmp_path / "w",
+                   log_every=3, progress=False, watch="generator/loss")
+    state, step = _state_and_step()
+    train_loop(state, renamed, _batches, num_steps=4, run_dir=tmp_path / "ok", log_every=2, progress=False,
+               watch="generator/loss")
+    assert "generator/loss_mean" in read_metrics(tmp_path / "ok")[0]
