@@ -8,6 +8,7 @@ The probability-flow ODE maps x_t to x_u by the affine transport
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -67,3 +68,37 @@ class GaussianOracle:
         v = a ** 2 * self.s0 ** 2 + s ** 2
         d = x.shape[1]
         return -0.5 * d * jnp.log(2 * jnp.pi * v) - 0.5 * jnp.sum((x - a * self.mu) ** 2, axis=1) / v
+
+
+def gaussian_edm_denoiser(mu, s0):
+    """Exact D(x; sigma) = E[x0 | x0 + sigma n = x] for x0 ~ N(mu, s0^2 I) (dtype follows x)."""
+    def den(x, sigma):
+        s2 = sigma.reshape(sigma.shape + (1,) * (x.ndim - 1)).astype(x.dtype) ** 2
+        m = jnp.asarray(mu, x.dtype)
+        return m + s0 ** 2 / (s0 ** 2 + s2) * (x - m)
+
+    return den
+
+
+def gaussian_edm_transport(x, mu, s0, sigma_from, sigma_to=0.0):
+    """Exact PF-ODE solution in EDM form from sigma_from to sigma_to (float64 numpy)."""
+    x = np.asarray(x, np.float64)
+    return mu + np.sqrt((s0 ** 2 + sigma_to ** 2) / (s0 ** 2 + sigma_from ** 2)) * (x - mu)
+
+
+def mixture_edm_denoiser(means, stds, weights):
+    """Exact D(x; sigma) of a mixture of isotropic Gaussians sum_k w_k N(mu_k, s_k^2 I) (x [B, d]):
+    sum_k r_k(x) (mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)), r_k ∝ w_k N(x; mu_k, (s_k^2 + sigma^2) I)."""
+    means, stds, logw = np.asarray(means), np.asarray(stds), np.log(np.asarray(weights))
+
+    def den(x, sigma):
+        dt = x.dtype
+        mu, sd, lw = jnp.asarray(means, dt), jnp.asarray(stds, dt), jnp.asarray(logw, dt)
+        var = sd[None] ** 2 + sigma.astype(dt)[:, None] ** 2  # [B, K]
+        diff = x[:, None, :] - mu[None]  # [B, K, d]
+        log_r = lw[None] - 0.5 * jnp.sum(diff ** 2, -1) / var - 0.5 * x.shape[-1] * jnp.log(var)
+        r = jax.nn.softmax(log_r, axis=-1)
+        post = mu[None] + (sd[None] ** 2 / var)[..., None] * diff
+        return jnp.sum(r[..., None] * post, axis=1)
+
+    return den
