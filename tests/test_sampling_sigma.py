@@ -372,6 +372,6 @@ def test_dtype_follows_inputs(name):
             return gaussian_edm_denoiser(MU, S0)(x, sigma)
 
         x, _ = sample(name, den, jnp.ones((2, 2), jnp.float64), sigmas=s64, key=key)
-        assert x.dtype == jnp.float64 and set(seen) == {(jnp.float64, jnp.float64)}
+        assert x.dtype == jnp.float64 and set(seen) == {(jnp.dtype(jnp.float64),) * 2}
         x, _ = sample(name, gaussian_edm_denoiser(MU, S0), jnp.ones((2, 2), jnp.float32), sigmas=s64, key=key)
         assert x.dtype == jnp.float32
