@@ -5,8 +5,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Numerics-sensitive tests, run again by `make test-isa` with XLA:CPU capped at AVX: XLA:CPU's code
+# differs by ISA (AVX / AVX2 / AVX-512), so a bitwise comparison of two different compiled programs
+# can pass on one machine and fail on another. Running these under two ISAs catches that here.
+ISA_TESTS ?= tests/test_loss_scale.py tests/test_optim.py tests/test_train_step.py tests/test_checkpoint.py \
+	tests/test_checkpoint_verify.py tests/test_model_state.py tests/test_multi_step.py tests/test_sharding.py \
+	tests/test_torch_parity.py tests/test_samplers.py
+ISA ?= AVX
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-isa ci test-fast bench clean
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +28,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+test-isa: $(STAMP)
+	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=$(ISA)" $(PY) -m pytest $(ISA_TESTS) -q $(PYTEST_ARGS)
+
+# what CI runs: the whole suite on this machine's ISA, then the numerics-sensitive tests capped at AVX
+ci: test test-isa
 
 clean:
 	rm -rf $(VENV) runs

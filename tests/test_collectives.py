@@ -18,6 +18,15 @@ from research.parallel.collectives import ring_all_reduce, ring_communication_vo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def _xla_flags(device_count=None):
+    """The parent's XLA_FLAGS (e.g. `--xla_cpu_max_isa=AVX` under `make test-isa`) without any device
+    count, plus `device_count` simulated devices if given."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if device_count is not None:
+        flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    return " ".join(flags)
+
 SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
@@ -81,7 +90,7 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_ring_all_reduce_equals_psum_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=_xla_flags(8),
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=300)

@@ -15,6 +15,15 @@ from research.parallel.distributed import DistributedConfig, config_from_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def _xla_flags(device_count=None):
+    """The parent's XLA_FLAGS (e.g. `--xla_cpu_max_isa=AVX` under `make test-isa`) without any device
+    count, plus `device_count` simulated devices if given."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if device_count is not None:
+        flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    return " ".join(flags)
+
 WORKER = r'''
 import json, os, sys, time
 import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
@@ -116,7 +125,7 @@ def _free_port():
 
 def _launch(worker, mode, out_dir, pid=None, n=None, port=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = _xla_flags()  # keeps an ISA cap, drops simulated device counts
     for k in ("RESEARCH_COORDINATOR", "RESEARCH_NUM_PROCESSES", "RESEARCH_PROCESS_ID"):
         env.pop(k, None)
     if pid is not None:

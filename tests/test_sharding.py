@@ -16,6 +16,15 @@ from research.parallel.distributed import process_batch_slice
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _xla_flags(device_count=None):
+    """The parent's XLA_FLAGS (e.g. `--xla_cpu_max_isa=AVX` under `make test-isa`) without any device
+    count, plus `device_count` simulated devices if given."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if device_count is not None:
+        flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    return " ".join(flags)
+
+
 @pytest.mark.parametrize("shape, n, expected", [
     ((16, 32), 8, P(None, "data")),      # largest divisible dim
     ((32, 16), 8, P("data")),
@@ -142,7 +151,7 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_dp_fsdp_ring_equal_single_device_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=_xla_flags(8),
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=600)
