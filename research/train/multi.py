@@ -12,7 +12,7 @@ Losses see the other models' current parameters (never differentiated)::
     loss_fn(params, model_state, others, batch, key) -> (loss, (aux, new_model_state))   # stateful
 
 Within one step the models are visited in the order of the `loss_fns` dict; a model updated at
-this step is updated with `compute_grads` / `apply_updates` (the single-model pieces), and the
+this step is updated with `compute_grads_with_state` / `apply_updates` (the single-model pieces), and the
 models visited after it see its NEW parameters (sequential, like the usual PyTorch GAN loop:
 discriminator step, then generator step against the updated discriminator). Model i's key at
 step s is `fold_in(fold_in(key, s), i)`.
