@@ -3,7 +3,7 @@
 Data: p_0 = sum_k w_k N(mu_k, s_k^2 I). Under x_t = alpha x_0 + sigma eps its marginal is again a
 mixture, p_t = sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I), so the exact score (and the
 exact epsilon predictor E[eps | x_t] = -sigma score) is known in closed form at every t. Feeding it
-as the "model" to ``Method.sample_ode`` / ``Method.sample_sde`` separates sampler bugs (wrong
+as the "model" to the registry's time samplers separates sampler bugs (wrong
 score scaling, drift, diffusion, prior, time direction) from model error: every sampler must recover
 the per-mode mass, mean and spread of the mixture. The mixture is deliberately unequal (weights
 0.5 / 0.3 / 0.2, stds 0.15 / 0.3 / 0.2), so a sampler that merely lands near the modes but with the
@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.generative.methods import make_method
 from research.generative.parameterization import eps_precond, preconditioned_eps_model
-from research.generative.solvers import ode_sample_adaptive
+from research.generative.sampling import pf_ode_velocity, sample_time
+from research.generative.sde import SubVPSDE, VESDE, VPSDE
 from tests.gaussian_oracle import GaussianOracle
 
 MEANS = np.array([[-2.0, 0.0], [1.5, 1.5], [1.0, -2.0]], np.float32)
@@ -64,40 +64,45 @@ def check_mixture(x, path, t_end, *, tol_mass=0.035, tol_mean=0.05, tol_std=0.1)
         assert abs(std_k / sd[k] - 1.0) < tol_std, f"mode {k}: std {std_k:.4f} vs {sd[k]:.4f}"
 
 
-def _method(name):
-    # the exact mixture model IS the epsilon predictor: no preconditioning wrapper
-    return make_method(name, ve_sigma_max=10.0, sde_precond="none")
+SDES = {"vp": lambda: VPSDE(), "subvp": lambda: SubVPSDE(), "ve": lambda: VESDE(0.01, 10.0)}
+T_END = {"vp": 1e-3, "subvp": 1e-3, "ve": 1e-5}
+
+
+def _score(sde):
+    eps = mixture_eps_model(sde.path)
+    return lambda x, t: -eps(None, x, t, None, None) / sde.path.sigma(t)[:, None]
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 @pytest.mark.parametrize("solver,steps", [("heun", 40), ("rk4", 20)])
 def test_pf_ode_exact_mixture_score(name, solver, steps):
-    m = _method(name)
-    model = mixture_eps_model(m.sde.path)
-    x, nfe = jax.jit(lambda k: m.sample_ode(model, None, k, (N, 2), num_steps=steps, solver=solver))(
-        jax.random.key(0))
-    assert nfe == {"heun": 2, "rk4": 4}[solver] * steps
-    check_mixture(x, m.sde.path, m.ode_interval[1])
+    sde = SDES[name]()
+    v = pf_ode_velocity(sde, _score(sde))
+    x_init = sde.prior_sample(jax.random.key(0), (N, 2))
+    x, nfe = jax.jit(lambda x: sample_time("ode", v, x, num_steps=steps, solver=solver, t_start=1.0,
+                                           t_end=T_END[name]))(x_init)
+    assert int(nfe) == {"heun": 2, "rk4": 4}[solver] * steps
+    check_mixture(x, sde.path, T_END[name])
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 def test_euler_maruyama_exact_mixture_score(name):
-    m = _method(name)
-    model = mixture_eps_model(m.sde.path)
-    x, nfe = jax.jit(lambda k: m.sample_sde(model, None, k, (N, 2), num_steps=500))(jax.random.key(1))
-    assert nfe == 500
-    check_mixture(x, m.sde.path, m.ode_interval[1])
+    sde = SDES[name]()
+    x_init = sde.prior_sample(jax.random.key(1), (N, 2))
+    x, nfe = jax.jit(lambda x, k: sample_time("euler_maruyama", _score(sde), x, sde=sde, key=k, num_steps=500,
+                                              t_end=T_END[name]))(x_init, jax.random.key(5))
+    assert int(nfe) == 500
+    check_mixture(x, sde.path, T_END[name])
 
 
 def test_pf_ode_adaptive_exact_mixture_score_vp():
-    m = _method("vp")
-    model = mixture_eps_model(m.sde.path)
-    t0, t1 = m.ode_interval
-    x_init = m.prior_sample(jax.random.key(2), (N, 2))
-    x, nfe = jax.jit(lambda x: ode_sample_adaptive(m.velocity(model, None), x, t_start=t0, t_end=t1,
-                                                   rtol=1e-4, atol=1e-4))(x_init)
+    sde = VPSDE()
+    x_init = sde.prior_sample(jax.random.key(2), (N, 2))
+    v = pf_ode_velocity(sde, _score(sde))
+    x, nfe = jax.jit(lambda x: sample_time("ode_adaptive", v, x, t_start=1.0, t_end=1e-3, rtol=1e-4, atol=1e-4))(
+        x_init)
     assert int(nfe) > 7
-    check_mixture(x, m.sde.path, t1)
+    check_mixture(x, sde.path, 1e-3)
 
 
 # ----------------------------------------------------------------------------- preconditioned eps model
@@ -106,7 +111,7 @@ def test_eps_precond_is_exact_for_gaussian_data(name):
     """With F = 0 the preconditioned epsilon model is E[eps | x_t] of N(0, sigma_data^2 I) data (closed form),
     and c_out^2 is that Gaussian's Var[eps_i | x_t] = 1 - sigma^2 / v."""
     sd = 0.7
-    path = _method(name).sde.path
+    path = SDES[name]().path
     zero_net = lambda params, x, t, cond, key: jnp.zeros_like(x)
     eps_fn = preconditioned_eps_model(zero_net, path, sd)
     oracle = GaussianOracle(path, np.zeros(3, np.float32), sd)
@@ -119,35 +124,3 @@ def test_eps_precond_is_exact_for_gaussian_data(name):
         s = float(path.sigma(jnp.float32(t)))
         np.testing.assert_allclose(np.asarray(c_out) ** 2, 1.0 - s ** 2 / v, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(np.asarray(c_in), 1.0 / np.sqrt(v), rtol=1e-5)
-
-
-def test_preconditioned_method_samples_exact_mixture():
-    """A preconditioned VP method whose network outputs F = (eps_exact - c_skip x) / c_out (the exact
-    mixture in the preconditioned parameterisation, evaluated at the un-scaled input) samples the mixture:
-    the wrapper feeds the network c_in x_t and combines the output consistently in the loss and samplers."""
-    m = make_method("vp", sde_precond="edm", sigma_data=1.5)
-    path, sd = m.sde.path, 1.5
-    exact = mixture_eps_model(path)
-
-    def net(params, x_in, t, cond, key):
-        c_skip, c_out, c_in = eps_precond(path, t, sd)
-        x = x_in / c_in[:, None]
-        return (exact(None, x, t, None, None) - c_skip[:, None] * x) / c_out[:, None]
-
-    x, _ = jax.jit(lambda k: m.sample_ode(net, None, k, (N, 2), num_steps=40, solver="heun"))(jax.random.key(4))
-    check_mixture(x, path, m.ode_interval[1])
-    # training goes through the same wrapper: the DSM loss of this network equals that of the raw exact
-    # epsilon predictor (same t, noise), and is below 1 (= the loss of eps_hat = 0)
-    comp = jax.random.choice(jax.random.key(5), 3, (4096,), p=jnp.asarray(WEIGHTS))
-    x0 = jnp.asarray(MEANS)[comp] + jnp.asarray(STDS)[comp, None] * jax.random.normal(jax.random.key(6), (4096, 2))
-    loss_pre, _ = m.loss(net, None, x0, jax.random.key(7))
-    loss_raw, _ = _method("vp").loss(exact, None, x0, jax.random.key(7))
-    np.testing.assert_allclose(float(loss_pre), float(loss_raw), rtol=2e-3)
-    assert 0.0 < float(loss_raw) < 1.0
-
-
-def test_bad_precond_raises():
-    with pytest.raises(ValueError, match="sde_precond"):
-        make_method("vp", sde_precond="karras")
-    with pytest.raises(ValueError, match="sigma_data"):
-        preconditioned_eps_model(lambda *a: a[1], _method("vp").sde.path, 0.0)
