@@ -1,6 +1,5 @@
 """Time-space samplers (score SDEs, DDIM, ODEs) against closed forms, one-step formulas, and (while the
 old modules exist) bit-identity with sde_samplers.py / solvers.py in float32."""
-import functools
 import importlib.util
 
 import jax
