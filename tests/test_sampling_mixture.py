@@ -1,7 +1,6 @@
 """Every sigma-space sampler on the EXACT denoiser of the 8-Gaussians mixture reaches a low sliced
 Wasserstein distance to data samples at moderate NFE (the floor is the SW between two data draws)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
