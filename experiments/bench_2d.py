@@ -1,35 +1,31 @@
 """2-D benchmark: every generative method on the toy distributions with the same MLP budget.
 
     python -m experiments.bench_2d --config experiments/configs/bench_2d.py [--set k=v ...]
-    python -m experiments.bench_2d --quick          # smoke test: 1 dataset, 60 steps, small eval
+    python -m experiments.bench_2d --config experiments/configs/bench_2d.py:quick   # smoke test preset
 
 Prints one table (method x dataset x sampler: NFE, sliced W2, MMD^2, NLL) and writes
 runs/<name>/results.json + results.md.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import resolve_run_dir, write_json
+from experiments.common import resolve_run_dir, run_cli, write_json
 from research.data.iterators import batch_iterator
 from research.data.toy import eight_gaussians_mixture, get_toy
 from research.eval.sample_metrics import mmd_rbf, sliced_wasserstein
-from research.generative.methods import make_method
+from research.generative.methods import get_method
+from research.generative.methods.edm import EDM
+from research.generative.methods.score_sde import ScoreSDE
 from research.nn.mlp import ToyMLP, make_mlp_fn
-from research.runs.config import config_from_cli
 from research.train.optim import make_optimizer
 from research.train.state import create_train_state
 from research.train.step import make_train_step
-
-QUICK = ["train.num_steps=60", "train.warmup_steps=10", "datasets=eight_gaussians", "eval.num_samples=256", "eval.nll_samples=64",
-         "eval.sde_steps=50", "eval.ode_steps=10", "train_size=4096", "model.hidden_size=64"]
 
 
 def exact_log_prob(dataset: str):
@@ -57,8 +53,25 @@ def train_method(method, model, data: np.ndarray, cfg, key):
             losses.append(metrics["loss"])
     final = float(np.mean(jax.device_get(losses)))
     if not np.isfinite(final):
-        raise FloatingPointError(f"{method.name}: non-finite loss at the end of training")
+        raise FloatingPointError(f"{method.name}: non-finite training loss over the last 100 steps ({final})")
     return state.ema_params, final
+
+
+def sampler_runs(method, ec):
+    """(row tag, registered sampler, num_steps, options) evaluated for ``method``: a 50-step Heun PF-ODE
+    (EDM: its sigma-space Heun, Algorithm 1), 8 Euler steps, and the method's stochastic sampler
+    (score SDEs: Euler-Maruyama; EDM: Heun with churn, Algorithm 2)."""
+    if isinstance(method, EDM):
+        return [("ode-heun", "heun", ec.ode_steps, {}), ("ode-euler", "euler", ec.few_steps, {}),
+                ("sde-churn", "heun", ec.ode_steps,
+                 {"s_churn": 30.0, "s_tmin": 0.01, "s_tmax": method.sigma_max, "s_noise": 1.0})]
+    grid = ec.sde_grid if isinstance(method, ScoreSDE) else "uniform"
+    suffix = "-karras" if grid == "karras" else ""
+    runs = [(f"ode-heun{suffix}", "ode", ec.ode_steps, {"solver": "heun", "schedule": grid}),
+            (f"ode-euler{suffix}", "ode", ec.few_steps, {"solver": "euler", "schedule": grid})]
+    if isinstance(method, ScoreSDE):
+        runs.append(("sde-em", "euler_maruyama", ec.sde_steps, {}))
+    return runs
 
 
 def evaluate(method, model, params, dataset: str, cfg, key):
@@ -69,7 +82,6 @@ def evaluate(method, model, params, dataset: str, cfg, key):
     k_ref, k_s, k_sw, k_nll = jax.random.split(key, 4)
     ref = sampler_fn(k_ref, ec.num_samples)
     n = ec.num_samples
-    runs = [("heun", ec.ode_steps), ("euler", ec.few_steps)]
     rows = []
 
     def metrics(x):
@@ -78,22 +90,10 @@ def evaluate(method, model, params, dataset: str, cfg, key):
         mmd = float(mmd_rbf(x[:2000], ref[:2000]))
         return sw, mmd
 
-    for solver, steps in runs:
-        grid = ec.sde_grid if method.kind == "sde" else "uniform"
-        f = jax.jit(lambda p, k: method.sample_ode(model_fn, p, k, (n, 2), num_steps=steps, solver=solver,
-                                                   grid=grid))
+    for tag, sampler, steps, opts in sampler_runs(method, ec):
+        f = jax.jit(lambda p, k: method.sample(model_fn, p, k, (n, 2), sampler=sampler, num_steps=steps, **opts))
         x, nfe = f(params, k_s)
-        tag = f"ode-{solver}" + ("-karras" if grid == "karras" else "")
         rows.append({"sampler": tag, "nfe": int(nfe), **dict(zip(("sw2", "mmd"), metrics(x)))})
-    if method.kind != "flow":
-        if method.kind == "edm":
-            f = jax.jit(lambda p, k: method.sample_sde(model_fn, p, k, (n, 2), num_steps=ec.ode_steps))
-            name = "sde-churn"
-        else:
-            f = jax.jit(lambda p, k: method.sample_sde(model_fn, p, k, (n, 2), num_steps=ec.sde_steps))
-            name = "sde-em"
-        x, nfe = f(params, k_s)
-        rows.append({"sampler": name, "nfe": int(nfe), **dict(zip(("sw2", "mmd"), metrics(x)))})
 
     logp_true = exact_log_prob(dataset)
     if logp_true is not None:
@@ -118,7 +118,21 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
+def build_method(name: str, mc, *, sigma_data: float):
+    """The registered method ``name`` with this benchmark's hyper-parameters."""
+    if name in ("vp", "subvp"):
+        return get_method(name, sigma_data=sigma_data, precond=mc.sde_precond)
+    if name == "ve":
+        return get_method(name, sigma_data=sigma_data, precond=mc.sde_precond, sigma_max=mc.ve_sigma_max)
+    if name == "edm":
+        return get_method(name, sigma_data=sigma_data)
+    if name == "rf":
+        return get_method(name, timestep_dist=mc.rf_timestep_dist)
+    return get_method(name, sigma=mc.cfm_sigma)
+
+
 def run(cfg) -> list[dict]:
+    """Trains and evaluates every (dataset, method) pair of the config; prints and writes the table."""
     run_dir = resolve_run_dir(cfg.run_dir, cfg.name)
     key = jax.random.key(cfg.seed)
     results = []
@@ -129,8 +143,7 @@ def run(cfg) -> list[dict]:
         data = np.asarray(get_toy(dataset)(k_data, cfg.train_size))
         sigma_data = float(data.std())
         for m_i, name in enumerate(cfg.methods.split(",")):
-            method = make_method(name, sigma_data=sigma_data, ve_sigma_max=cfg.method.ve_sigma_max,
-                                 cfm_sigma=cfg.method.cfm_sigma, sde_precond=cfg.method.sde_precond)
+            method = build_method(name, cfg.method, sigma_data=sigma_data)
             t0 = time.perf_counter()
             params, final = train_method(method, model, data, cfg, jax.random.fold_in(k_data, m_i))
             train_s = time.perf_counter() - t0
@@ -150,16 +163,7 @@ def run(cfg) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny smoke-test settings")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre, _ = parser.parse_known_args(argv)
-    if pre.quick:
-        argv = [a for a in argv if a != "--quick"] + QUICK
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    cfg, _ = config_from_cli(argv, parser=parser, default_config="experiments/configs/bench_2d.py")
-    return run(cfg)
+    return run_cli(run, argv, default_config="experiments/configs/bench_2d.py")
 
 
 if __name__ == "__main__":

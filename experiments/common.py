@@ -1,12 +1,74 @@
-"""Small helpers shared by experiment scripts: run directories, text logs, image grids, JSON."""
+"""Helpers shared by the experiment scripts. Every script is
+
+    config file -> validate -> run(config) -> the shared loop -> artefacts
+
+with ``main(argv) = run_cli(run, argv, default_config=...)``: the config is loaded, overridden and
+validated before anything is built, and every error a user can cause (config, checkpoint,
+non-finite loss, missing data, a backend that cannot run) ends as one line on stderr and a
+nonzero exit status (``--debug`` shows the traceback). Helpers below take explicit values, not
+config groups.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import sys
+import time
 
 import numpy as np
+
+# exit statuses of run_cli
+EXIT_CONFIG, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_DATA, EXIT_BACKEND, EXIT_INTERRUPTED = 2, 3, 4, 5, 6, 130
+
+
+def _classify(e: BaseException) -> int | None:
+    """Exit status for an expected error, None for a bug (which keeps its traceback)."""
+    from research.train.checkpoint import CheckpointError
+
+    if isinstance(e, CheckpointError):
+        return EXIT_CHECKPOINT
+    if isinstance(e, FloatingPointError):
+        return EXIT_NONFINITE
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError)):
+        return EXIT_DATA
+    if isinstance(e, (ValueError, TypeError)):
+        return EXIT_CONFIG
+    if isinstance(e, (RuntimeError, NotImplementedError)):
+        return EXIT_BACKEND
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def run_cli(run, argv=None, *, default_config: str, parser: argparse.ArgumentParser | None = None):
+    """Parses ``--config PATH[:preset] [--set k=v ...] [--debug]``, loads and validates the config, calls
+    ``run(cfg)`` and returns its result. Expected errors -> ``error: <message>`` on stderr and
+    ``SystemExit`` with a nonzero status (2 config/value, 3 checkpoint, 4 non-finite loss, 5 missing
+    file, 6 backend/runtime, 130 interrupted); ``--debug`` re-raises them with the traceback."""
+    from research.runs.config import add_config_args, load_config
+
+    parser = parser or argparse.ArgumentParser(description=(run.__doc__ or "").split("\n")[0])
+    add_config_args(parser, default_config=default_config)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(args.config, list(args.config_overrides) + list(args.overrides))
+        return run(cfg)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as e:  # noqa: BLE001 - classified below, bugs re-raised
+        code = _classify(e)
+        if args.debug or code is None:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 def resolve_run_dir(run_dir: str, name: str) -> str:
@@ -21,9 +83,7 @@ def setup_text_log(run_dir: str, name: str = "experiment", filename: str = "trai
     logger = logging.getLogger(f"{name}:{run_dir}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
+    close_text_log(logger)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(run_dir, filename))):
         h.setFormatter(fmt)
@@ -35,6 +95,21 @@ def close_text_log(logger: logging.Logger) -> None:
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
+
+
+def write_json(path: str, obj) -> None:
+    """Writes ``obj`` as indented JSON (numpy scalars converted)."""
+
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=default)
+        f.write("\n")
 
 
 def save_image_grid(path: str, images: np.ndarray, labels: np.ndarray, *, columns: int,
@@ -72,88 +147,156 @@ def save_image_grid(path: str, images: np.ndarray, labels: np.ndarray, *, column
     plt.close(fig)
 
 
-def write_json(path: str, obj) -> None:
-    """Writes ``obj`` as indented JSON (numpy scalars converted)."""
+def build_digits_dit(*, patch_size: int, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float,
+                     class_dropout_prob: float, qk_norm: bool, attn_impl: str, remat_policy: str,
+                     scan_blocks: bool):
+    """The class-conditional DiT for 8x8x1 digits (10 classes + the null label)."""
+    from research.data.digits import NUM_CLASSES
+    from research.nn.dit import DiT
 
-    def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=default)
-        f.write("\n")
+    return DiT(input_size=8, in_channels=1, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
+               num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=NUM_CLASSES,
+               class_dropout_prob=class_dropout_prob, qk_norm=qk_norm, attn_impl=attn_impl,
+               remat_policy=remat_policy, scan_blocks=scan_blocks)
 
 
-def write_digit_samples_and_metrics(run_dir: str, x, labels, cfg, *, title: str):
-    """Save model-space digit samples ``x [N, 8, 8, 1]`` (``samples.npz`` on the 0..16 scale,
-    ``samples.png`` one row per class) and score them with the digits evaluator built from the
-    config's data split (``cfg.data``, ``cfg.eval.pca_components``, ``cfg.sample.grid_columns``).
+def build_digits_method(name: str, *, beta_min: float, beta_max: float, ve_sigma_max: float,
+                        likelihood_weighting: bool, sigma_data: float, precond: str, P_mean: float, P_std: float):
+    """The registered method ``name`` with the hyper-parameters of a digits config's ``sde`` block."""
+    from research.generative.methods import get_method
 
-    Returns ``(images_0_16, labels, metrics)``.
-    """
-    from research.data.digits import to_0_16
-    from research.eval.digits import DigitsEvaluator
-
-    imgs = to_0_16(np.asarray(x)[..., 0])
-    y = np.asarray(labels)
-    np.savez_compressed(os.path.join(run_dir, "samples.npz"), images=imgs.astype(np.float32), labels=y)
-    save_image_grid(os.path.join(run_dir, "samples.png"), imgs, y, columns=cfg.sample.grid_columns,
-                    title=title)
-    evaluator = DigitsEvaluator.from_split(seed=cfg.data.split_seed, test_fraction=cfg.data.test_fraction,
-                                           n_components=cfg.eval.pca_components)
-    return imgs, y, evaluator.evaluate(imgs, y)
+    if name in ("vp", "subvp"):
+        return get_method(name, beta_min=beta_min, beta_max=beta_max, likelihood_weighting=likelihood_weighting,
+                          sigma_data=sigma_data, precond=precond)
+    if name == "ve":
+        return get_method(name, sigma_max=ve_sigma_max, likelihood_weighting=likelihood_weighting,
+                          sigma_data=sigma_data, precond=precond)
+    if name == "edm":
+        return get_method(name, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std)
+    return get_method(name)
 
 
-def make_digits_state(tc, params, key):
-    """``(optimizer, ema_decay, state)`` from a config's ``train`` block: AdamW with warmup +
-    cosine and clipping, EMA by half-life in images (``ema_decay`` is ``None`` without EMA)."""
+def make_state(params, key, *, learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
+               clip_norm: float, ema_half_life_images: float, batch_size: int):
+    """``(optimizer, ema_decay, state)``: AdamW with warmup + cosine and clipping, EMA by half-life in
+    images (``ema_decay`` is ``None`` when ``ema_half_life_images`` is 0)."""
     from research.train.ema import ema_decay_from_half_life
     from research.train.optim import make_optimizer
     from research.train.state import create_train_state
 
-    optimizer = make_optimizer(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,
-                               total_steps=tc.num_steps, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
-    use_ema = tc.ema_half_life_images > 0
-    ema_decay = ema_decay_from_half_life(tc.ema_half_life_images, tc.batch_size) if use_ema else None
+    optimizer = make_optimizer(learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps,
+                               weight_decay=weight_decay, clip_norm=clip_norm)
+    use_ema = ema_half_life_images > 0
+    ema_decay = ema_decay_from_half_life(ema_half_life_images, batch_size) if use_ema else None
     return optimizer, ema_decay, create_train_state(params, optimizer, key, ema=use_ema)
 
 
-def train_resumable(run_dir: str, log: logging.Logger, state, step_fn, arrays: dict, key, tc, *,
-                    num_steps: int, tensorboard: bool = False):
-    """Trains to ``num_steps`` with orbax checkpoints in ``run_dir/checkpoints``, resuming the latest
-    one (the data iterator skips to the restored step, so a resumed run is bit-identical).
+def open_run(run_dir: str, cfg, log: logging.Logger, state, *, save_every: int, keep: int, resume: str = "auto",
+             ignore_keys=("train.num_steps", "train.stop_at_step", "train.progress", "train.log_every",
+                          "train.tensorboard", "run_dir", "resume")):
+    """Opens ``<run_dir>/checkpoints`` and restores its newest intact checkpoint into ``state``.
 
-    Returns ``(state, start_step, train_time_s, final_loss)``.
+    The checkpoint's stored config must equal ``cfg`` (apart from ``ignore_keys``); otherwise a
+    ``ConfigMismatchError`` names the differing keys, unless ``resume == "force"``. Only after that
+    check is ``<run_dir>/config.json`` (re)written. ``resume="never"`` refuses a directory that holds
+    checkpoints. Returns ``(checkpointer, state)``.
     """
-    import time
+    from research.runs.config import config_to_dict, save_config
+    from research.train.checkpoint import CheckpointError, Checkpointer
 
-    from research.data.iterators import batch_iterator
-    from research.train.checkpoint import Checkpointer
-    from research.runs.metrics import MetricsLogger, read_metrics
-    from research.train.loop import train_loop
-
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=tc.checkpoint_every,
-                        keep=tc.keep_checkpoints)
-    restored = ckpt.restore_latest(state)
+    if resume not in ("auto", "force", "never"):
+        raise ValueError(f"resume must be 'auto', 'force' or 'never', got {resume!r}")
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=save_every, keep=keep,
+                        config=config_to_dict(cfg), ignore_keys=tuple(ignore_keys))
+    try:
+        if resume == "never" and ckpt.all_steps():
+            raise CheckpointError(f"{ckpt.directory} already holds checkpoints and resume='never'; "
+                                  "use another run_dir or --set resume=auto")
+        restored = ckpt.restore_latest(state, force=resume == "force")
+    except BaseException:
+        ckpt.close()
+        raise
     if restored is not None:
         state = restored
         log.info(f"resumed from checkpoint at step {int(state.step)}")
+    save_config(cfg, run_dir)
+    return ckpt, state
+
+
+def train_resumable(run_dir: str, log: logging.Logger, state, step_fn, arrays: dict, key, ckpt, *,
+                    num_steps: int, batch_size: int, log_every: int, progress: bool, tensorboard: bool = False):
+    """Trains to ``num_steps`` with the opened checkpointer ``ckpt`` (see ``open_run``); the data iterator
+    skips to the restored step, so a resumed run is bit-identical. Writes ``metrics.jsonl`` and
+    ``curves.png``. Returns ``(state, start_step, train_time_s, final_loss)``."""
+    from research.data.iterators import batch_iterator
+    from research.runs.metrics import MetricsLogger, plot_curves, read_metrics
+    from research.train.loop import train_loop
+
     start_step = int(state.step)
     logger = MetricsLogger(run_dir, tensorboard=tensorboard)
     t_train = time.perf_counter()
     try:
         state = train_loop(
-            state, step_fn,
-            lambda s: batch_iterator(arrays, tc.batch_size, key=key, start_step=s),
-            num_steps=num_steps, run_dir=run_dir, checkpointer=ckpt, log_every=tc.log_every,
-            logger=logger, progress=tc.progress,
-        )
+            state, step_fn, lambda s: batch_iterator(arrays, batch_size, key=key, start_step=s),
+            num_steps=num_steps, run_dir=run_dir, checkpointer=ckpt, log_every=log_every, logger=logger,
+            progress=progress)
     finally:
         logger.close()
         ckpt.close()
     train_time = time.perf_counter() - t_train
+    plot_curves(run_dir)
     records = [r for r in read_metrics(run_dir) if "loss_mean" in r]
     return state, start_step, train_time, (records[-1]["loss_mean"] if records else None)
+
+
+def write_digit_samples_and_metrics(run_dir: str, x, labels, *, split_seed: int, test_fraction: float,
+                                    pca_components: int, grid_columns: int, title: str):
+    """Save model-space digit samples ``x [N, 8, 8, 1]`` (``samples.npz`` on the 0..16 scale,
+    ``samples.png`` one row per class) and score them with the digits evaluator of that data split.
+
+    Returns ``(images_0_16, labels, metrics)``.
+    """
+    from research.data.digits import to_0_16
+
+    imgs = to_0_16(np.asarray(x)[..., 0])
+    y = np.asarray(labels)
+    if not np.all(np.isfinite(imgs)):
+        raise FloatingPointError(f"{int(np.sum(~np.isfinite(imgs)))} non-finite sample values; the sampler "
+                                 "diverged (try more steps or another sampler)")
+    np.savez_compressed(os.path.join(run_dir, "samples.npz"), images=imgs.astype(np.float32), labels=y)
+    save_image_grid(os.path.join(run_dir, "samples.png"), imgs, y, columns=grid_columns, title=title)
+    evaluator = digits_evaluator(split_seed=split_seed, test_fraction=test_fraction, pca_components=pca_components)
+    return imgs, y, evaluator.evaluate(imgs, y)
+
+
+def digits_evaluator(*, split_seed: int, test_fraction: float, pca_components: int):
+    from research.eval.digits import DigitsEvaluator
+
+    return DigitsEvaluator.from_split(seed=split_seed, test_fraction=test_fraction, n_components=pca_components)
+
+
+def sample_digits(method, model_fn, params, key, *, per_class: int, sampler: str, num_steps: int, guidance: float,
+                  solver: str = "heun", schedule: str = ""):
+    """Class-conditional samples with CFG, one jitted call: ``(x [10 * per_class, 8, 8, 1], labels, nfe)``.
+
+    ``sampler`` is a registered name; ``solver`` applies to the time-space ``"ode"`` sampler only;
+    an empty ``schedule`` is the family default. With guidance != 1 each NFE is one call on a doubled batch."""
+    import jax
+    import jax.numpy as jnp
+
+    from research.data.digits import NUM_CLASSES
+    from research.generative.guidance import guided_model_fn
+
+    labels = jnp.repeat(jnp.arange(NUM_CLASSES, dtype=jnp.int32), per_class)
+    g_model = guided_model_fn(model_fn, NUM_CLASSES, guidance)
+    opts = {"solver": solver} if sampler == "ode" else {}
+    if schedule:
+        opts["schedule"] = schedule
+
+    @jax.jit
+    def run(p, k):
+        return method.sample(g_model, p, k, (labels.shape[0], 8, 8, 1), sampler=sampler, num_steps=num_steps,
+                             cond=labels, **opts)
+
+    x, nfe = jax.block_until_ready(run(params, key))
+    return x, labels, int(nfe)

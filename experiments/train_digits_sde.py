@@ -1,38 +1,28 @@
-"""Score-SDE / EDM (or any research.generative.methods method) on 8x8 digits with the flagship DiT.
+"""Score-SDE / EDM (or any registered method) on 8x8 digits with the flagship DiT.
 
-    python -m experiments.train_digits_sde --config experiments/configs/digits_sde.py [--set method=edm]
+    python -m experiments.train_digits_sde --config experiments/configs/digits_sde.py [--set method=edm ...]
 
-Trains (resuming from the latest checkpoint in the run directory), samples class-conditionally with
-CFG from the EMA params, and writes runs/<name>/: samples.png, samples.npz, metrics.json
-(classifier accuracy, Fréchet distance, bits/dim, NFE, timings), config.json, metrics.jsonl.
+Trains (resuming from the newest intact checkpoint in the run directory), samples class-conditionally
+with CFG from the EMA params, and writes runs/<name>/: samples.png, samples.npz, metrics.json
+(classifier accuracy, Fréchet distance, bits/dim, NFE, timings), config.json, metrics.jsonl, curves.png.
 """
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (close_text_log, make_digits_state, resolve_run_dir, setup_text_log,
-                                train_resumable, write_digit_samples_and_metrics, write_json)
-from experiments.train_digits_rf import build_model
+from experiments.common import (
+    build_digits_dit, build_digits_method, close_text_log, make_state, open_run, resolve_run_dir, run_cli, sample_digits, setup_text_log,
+    train_resumable, write_digit_samples_and_metrics, write_json,
+)
 from research.data.digits import NUM_CLASSES, load_digits, to_0_16
 from research.generative.likelihood import bits_per_dim, dequantize, digits_dequantization
-from research.generative.methods import make_method
-from research.generative.samplers import guided_model_fn
 from research.nn.dit import init_dit, make_model_fn
-from research.runs.config import config_from_cli, save_config
 from research.train.step import make_train_step
-
-
-def build_method(cfg):
-    s = cfg.sde
-    return make_method(cfg.method, beta_min=s.beta_min, beta_max=s.beta_max, ve_sigma_max=s.ve_sigma_max,
-                       likelihood_weighting=s.likelihood_weighting, sigma_data=s.sigma_data, P_mean=s.P_mean,
-                       P_std=s.P_std, sde_precond=s.precond)
 
 
 def digits_bits_per_dim(method, model_fn, params, images, key, *, divergence: str, rtol: float):
@@ -54,6 +44,7 @@ def digits_bits_per_dim(method, model_fn, params, images, key, *, divergence: st
 
 
 def run(cfg) -> dict:
+    """Trains (resuming if a checkpoint exists), samples, evaluates bits/dim; returns the metrics dict."""
     name = cfg.name or f"digits_{cfg.method}"
     run_dir = resolve_run_dir(cfg.run_dir, name)
     log = setup_text_log(run_dir, name)
@@ -65,69 +56,70 @@ def run(cfg) -> dict:
 
 def _run(cfg, name, run_dir, log) -> dict:
     t_start = time.perf_counter()
-    save_config(cfg, run_dir)
-    tc, sc = cfg.train, cfg.sample
-    images, labels = load_digits("train", seed=cfg.data.split_seed, test_fraction=cfg.data.test_fraction)
+    tc, sc, dc = cfg.train, cfg.sample, cfg.data
+    images, labels = load_digits("train", seed=dc.split_seed, test_fraction=dc.test_fraction)
     arrays = {"image": images, "label": labels}
     k_init, k_train, k_data, k_sample, k_bpd = jax.random.split(jax.random.key(cfg.seed), 5)
 
-    method = build_method(cfg)
-    model = build_model(cfg.model)
+    method = build_digits_method(cfg.method, **cfg.sde.to_dict())
+    model = build_digits_dit(**cfg.model.to_dict())
     model_fn = make_model_fn(model)
     params = init_dit(model, k_init)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     log.info(f"method={cfg.method} DiT params: {n_params:,}; train images: {len(labels)}")
 
-    optimizer, ema_decay, state = make_digits_state(tc, params, k_train)
-    use_ema = ema_decay is not None
+    optimizer, ema_decay, state = make_state(
+        params, k_train, learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.num_steps,
+        weight_decay=tc.weight_decay, clip_norm=tc.clip_norm, ema_half_life_images=tc.ema_half_life_images,
+        batch_size=tc.batch_size)
+    ckpt, state = open_run(run_dir, cfg, log, state, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
+                           resume=cfg.resume)
 
     def loss_fn(p, batch, key):
         return method.loss(model_fn, p, batch["image"], key, cond=batch["label"])
 
     step_fn = make_train_step(loss_fn, optimizer, ema_decay=ema_decay)
     state, start_step, train_time, final_loss = train_resumable(
-        run_dir, log, state, step_fn, arrays, k_data, tc, num_steps=tc.num_steps)
-    params = state.ema_params if use_ema else state.params
+        run_dir, log, state, step_fn, arrays, k_data, ckpt, num_steps=tc.num_steps, batch_size=tc.batch_size,
+        log_every=tc.log_every, progress=tc.progress)
+    params = state.ema_params if ema_decay is not None else state.params
 
     # ---- class-conditional samples with CFG (one jitted sampler)
     t_sample = time.perf_counter()
-    ys = jnp.repeat(jnp.arange(NUM_CLASSES, dtype=jnp.int32), sc.per_class)
-    g_model = guided_model_fn(model_fn, NUM_CLASSES, sc.guidance)
-    if sc.method == "heun" or method.kind != "edm":
-        sampler = jax.jit(lambda p, k: method.sample_ode(g_model, p, k, (ys.shape[0], 8, 8, 1),
-                                                         num_steps=sc.num_steps, solver=sc.method, cond=ys))
-    else:
-        raise ValueError(f"sample.method {sc.method!r} is not supported for EDM (use heun)")
-    x, nfe = jax.block_until_ready(sampler(params, k_sample))
+    x, ys, nfe = sample_digits(method, model_fn, params, k_sample, per_class=sc.per_class, sampler=sc.sampler,
+                               solver=sc.solver, schedule=sc.schedule, num_steps=sc.num_steps,
+                               guidance=sc.guidance)
     sample_time = time.perf_counter() - t_sample
 
     t_eval = time.perf_counter()
+    sampler_tag = f"{sc.sampler}/{sc.solver}" if sc.sampler == "ode" else sc.sampler
     imgs, y, metrics = write_digit_samples_and_metrics(
-        run_dir, x, ys, cfg, title=f"{name}: {sc.method} NFE {int(nfe)}, CFG w={sc.guidance}")
+        run_dir, x, ys, split_seed=dc.split_seed, test_fraction=dc.test_fraction,
+        pca_components=cfg.eval.pca_components, grid_columns=sc.grid_columns,
+        title=f"{name}: {sampler_tag} NFE {nfe}, CFG w={sc.guidance}")
     if cfg.eval.bpd_images > 0:
-        test_images, _ = load_digits("test", seed=cfg.data.split_seed, test_fraction=cfg.data.test_fraction)
+        test_images, _ = load_digits("test", seed=dc.split_seed, test_fraction=dc.test_fraction)
         bpd, bpd_nfe = digits_bits_per_dim(method, model_fn, params, test_images[:cfg.eval.bpd_images], k_bpd,
                                            divergence=cfg.eval.bpd_divergence, rtol=cfg.eval.bpd_rtol)
-        metrics.update({"bits_per_dim": bpd, "bpd_nfe": bpd_nfe, "bpd_images": int(min(cfg.eval.bpd_images,
-                                                                                          len(test_images))),
+        metrics.update({"bits_per_dim": bpd, "bpd_nfe": bpd_nfe,
+                        "bpd_images": int(min(cfg.eval.bpd_images, len(test_images))),
                         "bpd_uniform_reference": float(np.log2(17.0))})
     metrics.update({
         "method": cfg.method, "final_loss": final_loss, "steps": int(state.step), "num_params": n_params,
-        "sampler": sc.method, "sample_steps": sc.num_steps, "nfe": int(nfe), "guidance": sc.guidance,
+        "sampler": sampler_tag, "sample_steps": sc.num_steps, "nfe": nfe, "guidance": sc.guidance,
         "train_time_s": train_time, "sample_time_s": sample_time, "eval_time_s": time.perf_counter() - t_eval,
         "wall_time_s": time.perf_counter() - t_start, "resumed_from_step": start_step,
     })
     write_json(os.path.join(run_dir, "metrics.json"), metrics)
     log.info(f"{name}: accuracy {metrics['classifier_accuracy']:.4f}, Fréchet {metrics['frechet_distance']:.3f} "
              f"(floor {metrics['frechet_floor_train_vs_test']:.3f}), bits/dim {metrics.get('bits_per_dim')}, "
-             f"NFE {int(nfe)}, wall {metrics['wall_time_s']:.0f}s")
+             f"NFE {nfe}, wall {metrics['wall_time_s']:.0f}s")
     return metrics
 
 
 def main(argv=None) -> dict:
-    cfg, _ = config_from_cli(argv, default_config="experiments/configs/digits_sde.py")
-    return run(cfg)
+    return run_cli(run, argv, default_config="experiments/configs/digits_sde.py")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

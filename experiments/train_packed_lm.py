@@ -12,16 +12,16 @@ The loss is the token-weighted mean over real next-token predictions
 (:func:`research.data.packing.next_token_targets` / ``masked_mean``), so both runs optimise the
 same objective; packing just puts ~5x more real tokens into each step.
 
-Usage (CPU, ~1-2 minutes)::
+Usage (CPU, ~1-2 minutes; config ``experiments/configs/packed_lm.py``)::
 
-    python -m experiments.train_packed_lm --steps 150
-    python -m experiments.train_packed_lm --mode padded --steps 150
+    python -m experiments.train_packed_lm
+    python -m experiments.train_packed_lm --set mode=padded
 
-Prints the packing report, then loss / real tokens per step; ``--json PATH`` writes a summary.
+Prints the packing report, logs loss / real tokens per step to runs/<name>/metrics.jsonl (+ curves.png)
+and writes runs/<name>/summary.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -30,11 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import resolve_run_dir, run_cli, write_json
+from research.data.iterators import batch_iterator
 from research.data.packing import pack_sequences, packing_report
 from research.data.text import load_documents
 from research.lm.byte_lm import ByteLM, byte_lm_loss
 from research.train.optim import adamw
 from research.train.state import create_train_state
+from research.runs.config import save_config
+from research.runs.metrics import plot_curves, read_metrics
+from research.train.loop import train_loop
 from research.train.step import make_train_step
 
 
@@ -52,59 +57,51 @@ def make_rows(docs, row_length, mode):
     return {"tokens": tokens, "segment_ids": seg, "positions": pos}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", default="packed", choices=["packed", "padded"])
-    ap.add_argument("--row-length", type=int, default=256)
-    ap.add_argument("--rows-per-step", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-
-    docs = load_documents(args.row_length)
+def run(cfg) -> dict:
+    """Packs (or pads) the documents, trains ByteLM with the shared loop, returns a summary."""
+    name = cfg.name or f"packed_lm_{cfg.mode}"
+    run_dir = resolve_run_dir(cfg.run_dir, name)
+    save_config(cfg, run_dir)
+    docs = load_documents(cfg.row_length)
     lengths = [len(d) for d in docs]
-    report = packing_report(lengths, args.row_length)
+    report = packing_report(lengths, cfg.row_length)
     print(f"{len(docs)} documents, {sum(lengths)} bytes, mean length {np.mean(lengths):.1f}")
-    for name, r in report.items():
-        print(f"  {name:<22} rows={r['rows']:5d} efficiency={r['efficiency']:.3f}")
-    data = make_rows(docs, args.row_length, args.mode)
-    n_rows = data["tokens"].shape[0]
+    for rname, r in report.items():
+        print(f"  {rname:<22} rows={r['rows']:5d} efficiency={r['efficiency']:.3f}")
+    data = make_rows(docs, cfg.row_length, cfg.mode)
 
-    model = ByteLM(width=args.width, depth=args.depth, max_len=args.row_length)
+    model = ByteLM(width=cfg.model.width, depth=cfg.model.depth, heads=cfg.model.heads, max_len=cfg.row_length)
 
     def loss_fn(params, batch, key):
         del key
         return byte_lm_loss(model, params, batch)
 
-    key = jax.random.key(args.seed)
-    z = jnp.zeros((1, args.row_length), jnp.int32)
-    params = model.init(key, z, z, z)["params"]
-    opt = adamw(args.lr, weight_decay=0.0)
-    state = create_train_state(params, opt, jax.random.fold_in(key, 1), ema=False)
+    key = jax.random.key(cfg.seed)
+    k_init, k_state, k_data = jax.random.split(key, 3)
+    z = jnp.zeros((1, cfg.row_length), jnp.int32)
+    params = model.init(k_init, z, z, z)["params"]
+    opt = adamw(cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+    state = create_train_state(params, opt, k_state, ema=False)
     step = make_train_step(loss_fn, opt)
-    rng = np.random.default_rng(args.seed)
-    t0, tokens_seen, losses = time.perf_counter(), 0.0, []
-    for i in range(args.steps):
-        idx = rng.choice(n_rows, size=args.rows_per_step, replace=n_rows < args.rows_per_step)
-        state, m = step(state, {k: v[idx] for k, v in data.items()})
-        if i % 25 == 0 or i == args.steps - 1:
-            losses.append((i, float(m["loss"])))
-            print(f"step {i:4d} loss {losses[-1][1]:.3f} (nats/byte)", flush=True)
-        tokens_seen += float(m["real_tokens"])
+    batch_size = min(cfg.rows_per_step, data["tokens"].shape[0])
+    t0 = time.perf_counter()
+    state = train_loop(state, step, lambda s: batch_iterator(data, batch_size, key=k_data, start_step=s),
+                       num_steps=cfg.steps, run_dir=run_dir, log_every=cfg.log_every, progress=cfg.progress)
     wall = time.perf_counter() - t0
-    summary = {"mode": args.mode, "steps": args.steps, "final_loss": losses[-1][1],
-               "real_tokens_per_step": tokens_seen / args.steps,
+    plot_curves(run_dir)
+    records = [r for r in read_metrics(run_dir) if "loss_mean" in r]
+    summary = {"mode": cfg.mode, "steps": cfg.steps, "final_loss": records[-1]["loss"],
+               "final_loss_mean": records[-1]["loss_mean"],
+               "real_tokens_per_step": float(np.mean([r["real_tokens"] for r in records])),
                "efficiency": float(np.mean(data["segment_ids"] != 0)), "wall_s": wall,
                "packing_report": report}
     print(json.dumps({k: v for k, v in summary.items() if k != "packing_report"}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
+
+
+def main(argv=None):
+    return run_cli(run, argv, default_config="experiments/configs/packed_lm.py")
 
 
 if __name__ == "__main__":

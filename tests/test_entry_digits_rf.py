@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import train_digits_rf as exp
+from experiments.common import build_digits_dit
 from research.runs.config import load_config
 
 pytestmark = pytest.mark.entry
@@ -16,7 +17,7 @@ TINY = [
     "model.hidden_size=16", "model.depth=1", "model.num_heads=2", "model.mlp_ratio=2.0",
     "train.batch_size=16", "train.warmup_steps=1", "train.log_every=2", "train.checkpoint_every=2",
     "train.progress=false", "train.ema_half_life_images=100.0",
-    "sample.per_class=50", "sample.num_steps=2", "sample.method=heun", "sample.grid_columns=4",
+    "sample.per_class=50", "sample.num_steps=2", "sample.solver=heun", "sample.grid_columns=4",
 ]
 
 
@@ -36,7 +37,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_artefacts(smoke_run):
     run_dir, metrics = smoke_run
-    for name in ["samples.png", "samples.npz", "metrics.json", "config.json", "metrics.jsonl", "train.log"]:
+    for name in ["samples.png", "samples.npz", "metrics.json", "config.json", "metrics.jsonl", "curves.png", "train.log"]:
         assert os.path.isfile(os.path.join(run_dir, name)), name
     assert os.listdir(os.path.join(run_dir, "checkpoints"))
     with np.load(os.path.join(run_dir, "samples.npz")) as z:
@@ -67,7 +68,7 @@ def _final_params(run_dir, extra):
     from research.nn.dit import init_dit
 
     cfg = load_config(CONFIG, [f"run_dir={run_dir}", *TINY, *extra])
-    model = exp.build_model(cfg.model)
+    model = build_digits_dit(**cfg.model.to_dict())
     params = init_dit(model, jax.random.key(123))
     tc = cfg.train
     opt = make_optimizer(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.num_steps,
@@ -109,7 +110,9 @@ def test_bad_override_rejected_before_compiling(tmp_path, capsys):
         exp.main(_args(tmp_path, "train.num_stpes=3"))
     assert "num_steps" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        exp.main(_args(tmp_path, "sample.method=midpoint"))
+        exp.main(_args(tmp_path, "sample.solver=midpoint"))
+    with pytest.raises(SystemExit):
+        exp.main(_args(tmp_path, "sample.sampler=euler_maruyama"))  # needs a score SDE: rejected before training
     with pytest.raises(SystemExit):
         exp.main(_args(tmp_path, "model.hidden_size=18"))
     assert not os.path.exists(tmp_path / "config.json")

@@ -23,7 +23,8 @@ from experiments.torch_baselines import convert, flow  # noqa: E402
 from experiments.torch_baselines import dit as tdit  # noqa: E402
 from experiments.torch_baselines import optim as topt  # noqa: E402
 from research.generative.losses import rectified_flow_loss  # noqa: E402
-from research.generative.samplers import guided, ode_sample  # noqa: E402
+from research.generative.guidance import guided  # noqa: E402
+from research.generative.sampling import sample_time  # noqa: E402
 from research.generative.timesteps import sample_timesteps  # noqa: E402
 from research.nn.dit import DiT, init_dit, make_model_fn  # noqa: E402
 from research.train.optim import default_decay_mask, make_optimizer, warmup_cosine_schedule  # noqa: E402
@@ -311,7 +312,7 @@ def test_sampler_parity_with_cfg(method, guidance):
     y = np.array([1, 2, 3, 4], np.int32)
     gw = 1 if guidance == 1.0 else guidance  # python int 1 takes the single-call path on both sides
     vj = guided(make_model_fn(model), params, jnp.asarray(y), 10, gw)
-    xj = np.asarray(jax.jit(lambda x: ode_sample(vj, x, num_steps=4, method=method))(x1))
+    xj = np.asarray(jax.jit(lambda x: sample_time("ode", vj, x, num_steps=4, solver=method)[0])(x1))
     tm = _torch_model(params)
     vt = flow.guided(tm, _t(y), 10, gw)
     xt = flow.ode_sample(vt, _t(x1), num_steps=4, method=method).numpy()

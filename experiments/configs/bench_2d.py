@@ -2,7 +2,7 @@
 
 Command:
     python -m experiments.bench_2d --config experiments/configs/bench_2d.py            # full table
-    python -m experiments.bench_2d --quick                                             # smoke test (~1 min)
+    python -m experiments.bench_2d --config experiments/configs/bench_2d.py:quick      # smoke test (~1 min)
     # overrides: --set train.num_steps=1000 --set datasets=eight_gaussians,two_moons
 
 Trains VP-SDE, sub-VP SDE, VE-SDE (epsilon prediction, DSM), EDM (preconditioned, log-normal
@@ -16,18 +16,22 @@ sampler, NLL within ~0.1-0.2 nats of the data entropy; OT-CFM is the best at 8 E
 """
 import ml_collections
 
-from research.runs.config import check, check_positive
+from research.data.toy import TOY_DISTRIBUTIONS
+from research.generative.methods import METHODS
+from research.runs.config import check, check_choice, check_positive, check_range
 
-METHODS = ("vp", "subvp", "ve", "edm", "rf", "icfm", "otcfm")
+DEFAULT_METHODS = ("vp", "subvp", "ve", "edm", "rf", "icfm", "otcfm")
 DATASETS = ("eight_gaussians", "two_moons", "checkerboard", "spirals")
+PRESETS = ("quick",)
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    """The full benchmark, or ``preset="quick"``: one dataset, 60 steps, small evaluation (smoke test)."""
     c = ml_collections.ConfigDict()
     c.name = "bench_2d"
     c.run_dir = ""  # empty: runs/<name>
     c.seed = 0
-    c.methods = ",".join(METHODS)
+    c.methods = ",".join(DEFAULT_METHODS)
     c.datasets = ",".join(DATASETS)
     c.train_size = 100_000  # fixed training set per dataset (fresh data for the metrics)
 
@@ -47,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict()
     c.method.ve_sigma_max = 10.0  # ~ the largest pairwise distance of the toy data (score_sde's rule)
     c.method.cfm_sigma = 0.1
+    c.method.rf_timestep_dist = "uniform"  # Liu et al.'s uniform t (the registry's rf defaults to SD3's logit-normal)
     # score-SDE epsilon network: "edm" = c_skip x + c_out F(c_in x, t) with sigma_data = data std (default;
     # fixes the poor VP / sub-VP probability-flow ODE samples), "none" = raw eps network (score_sde)
     c.method.sde_precond = "edm"
@@ -59,18 +64,28 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.sde_steps = 500  # Euler-Maruyama NFE 500; EDM churn with ode_steps
     c.eval.nll_samples = 1000
     c.eval.num_projections = 512
+    if preset == "quick":
+        c.train.num_steps, c.train.warmup_steps, c.train_size = 60, 10, 4096
+        c.datasets = "eight_gaussians"
+        c.model.hidden_size = 64
+        c.eval.num_samples, c.eval.nll_samples, c.eval.sde_steps, c.eval.ode_steps = 256, 64, 50, 10
     return c
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
     check_positive(c, "train.num_steps", "train.batch_size", "train.learning_rate", "model.hidden_size",
-                   "model.depth", "eval.num_samples", "eval.ode_steps", "eval.few_steps", "eval.sde_steps",
-                   "eval.nll_samples", "train_size")
+                   "model.depth", "model.time_embed_dim", "eval.num_samples", "eval.ode_steps", "eval.few_steps",
+                   "eval.sde_steps", "eval.nll_samples", "eval.num_projections", "train_size")
+    check_positive(c, "train.warmup_steps", "train.weight_decay", "method.cfm_sigma", allow_zero=True)
+    check_positive(c, "method.ve_sigma_max")
     for m in c.methods.split(","):
-        check(m in METHODS, f"methods: unknown method {m!r}; expected a subset of {METHODS}")
+        check(m in METHODS, f"methods: unknown method {m!r}; registered: {sorted(METHODS)}")
     for d in c.datasets.split(","):
-        check(d in DATASETS, f"datasets: unknown dataset {d!r}; expected a subset of {DATASETS}")
-    check(c.method.sde_precond in ("edm", "none"),
-          f"method.sde_precond must be 'edm' or 'none', got {c.method.sde_precond!r}")
-    check(c.eval.sde_grid in ("uniform", "karras"), f"eval.sde_grid must be 'uniform' or 'karras', got {c.eval.sde_grid!r}")
-    check(0.0 <= c.train.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {c.train.ema_decay}")
+        check(d in TOY_DISTRIBUTIONS, f"datasets: unknown dataset {d!r}; expected some of {sorted(TOY_DISTRIBUTIONS)}")
+    check_choice(c, "method.sde_precond", ["edm", "none"])
+    check_choice(c, "method.rf_timestep_dist", ["uniform", "logit_normal", "cosmap"])
+    check_choice(c, "eval.sde_grid", ["uniform", "karras"])
+    check_range(c, "train.ema_decay", 0.0, 0.999999)
+    check(c.train.warmup_steps < c.train.num_steps,
+          f"train.warmup_steps ({c.train.warmup_steps}) must be < train.num_steps ({c.train.num_steps})")
+    check(c.train.batch_size <= c.train_size, f"train.batch_size ({c.train.batch_size}) must be <= train_size")

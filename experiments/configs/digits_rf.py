@@ -15,8 +15,8 @@ A rerun with the same run_dir resumes from its latest checkpoint (delete the fol
 """
 import ml_collections
 
-from experiments.configs.digits_common import digits_config
-from research.runs.config import check, check_choice, check_positive, check_range
+from experiments.configs.digits_common import check_sampler_fits, digits_config, validate_digits
+from research.runs.config import check, check_choice, check_positive
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,29 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    check_positive(c, "model.patch_size", "model.hidden_size", "model.depth", "model.num_heads",
-                   "model.mlp_ratio", "train.num_steps", "train.batch_size", "train.learning_rate",
-                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                   "sample.per_class", "sample.num_steps", "sample.grid_columns", "eval.pca_components")
-    check_positive(c, "train.warmup_steps", "train.weight_decay", "train.clip_norm",
-                   "train.ema_half_life_images", "train.stop_at_step", "sample.guidance", allow_zero=True)
-    check(8 % c.model.patch_size == 0, f"model.patch_size must divide 8, got {c.model.patch_size}")
-    check(c.model.hidden_size % c.model.num_heads == 0,
-          f"model.hidden_size {c.model.hidden_size} must be divisible by model.num_heads {c.model.num_heads}")
-    check(c.model.hidden_size % 4 == 0, f"model.hidden_size must be divisible by 4, got {c.model.hidden_size}")
-    check_range(c, "model.class_dropout_prob", 0.0, 1.0)
-    check_range(c, "data.test_fraction", 0.01, 0.99)
-    check_choice(c, "model.attn_impl", ["xla", "pallas", "cudnn"])
-    check_choice(c, "train.timestep_dist", ["uniform", "logit_normal"])
-    check_choice(c, "sample.method", ["euler", "heun", "rk4"])
-    check(c.train.warmup_steps < c.train.num_steps,
-          f"train.warmup_steps ({c.train.warmup_steps}) must be < train.num_steps ({c.train.num_steps})")
+    validate_digits(c)
+    check_positive(c, "train.stop_at_step", allow_zero=True)
+    check_choice(c, "train.timestep_dist", ["uniform", "logit_normal", "cosmap"])
+    check_positive(c, "train.timestep_scale")
     check(c.train.stop_at_step <= c.train.num_steps,
           f"train.stop_at_step ({c.train.stop_at_step}) must be <= train.num_steps ({c.train.num_steps})")
-    if c.model.remat_policy != "none":
-        from research.nn.remat import remat_policy
-
-        try:
-            remat_policy(c.model.remat_policy)
-        except ValueError as e:
-            raise ValueError(f"model.remat_policy: {e}") from None
+    check_sampler_fits(c, "rf")

@@ -129,7 +129,7 @@ def _step(velocity_fn, method, x, t, t_next):
 def ode_sample(velocity_fn: Callable, x_init: torch.Tensor, *, num_steps: int, method: str = "euler",
                t_start: float = 1.0, t_end: float = 0.0) -> torch.Tensor:
     """Integrate ``dx/dt = velocity_fn(x, t)`` from ``t_start`` to ``t_end`` in ``num_steps`` uniform
-    steps (the same float32 time grid as ``research.generative.samplers.ode_sample``).
+    steps (the same float32 time grid as ``research.generative.sampling`` ``ode`` sampler``).
 
     Heun applies its correction on every step, including the last (NFE 2N), like the JAX solver.
     """

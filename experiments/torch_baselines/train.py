@@ -122,8 +122,11 @@ def run(cfg, *, device: str | None = None, log=print) -> dict:
         {n: p for n, p in model.state_dict().items()}, scan_blocks=cfg.model.scan_blocks)).items()}
     np.savez(os.path.join(run_dir, "ema_flax_params.npz"), **flat)
     sc = cfg.sample
+    if sc.sampler != "ode":
+        raise ValueError(f"the torch twin samples with the time-space PF-ODE only (sample.sampler='ode'), "
+                         f"got sample.sampler={sc.sampler!r}")
     samples, sample_labels = sample_per_class(model, per_class=sc.per_class, num_steps=sc.num_steps,
-                                              method=sc.method, guidance=sc.guidance, num_classes=10,
+                                              method=sc.solver, guidance=sc.guidance, num_classes=10,
                                               generator=gen, device=dev)
     np.savez(os.path.join(run_dir, "samples.npz"), images=samples, labels=sample_labels)
     summary = {"run_dir": run_dir, "steps": last, "final_loss": m["loss"], "samples": samples.shape}

@@ -147,17 +147,35 @@ class _nullcontext:
         return False
 
 
+def _split_preset(path: str) -> tuple[str, str | None]:
+    """"file.py:preset" -> ("file.py", "preset"); a plain path -> (path, None)."""
+    head, sep, tail = path.rpartition(":")
+    if sep and head.endswith(".py") and tail and os.sep not in tail:
+        return head, tail
+    return path, None
+
+
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
     """Loads `get_config()` from the Python file `path`, applies overrides, validates, locks.
 
+    ``path`` may name a preset, ``"experiments/configs/bench_2d.py:quick"``: the file's
+    ``get_config(preset)`` is called with it (a file without presets rejects any); the file lists its
+    presets in ``PRESETS``.
+
     Raises:
       FileNotFoundError: no such file.
-      ValueError: unknown key (message lists close matches), badly typed value, or a value rejected by
-        the file's `validate(config)`.
+      ValueError: unknown key (message lists close matches), badly typed value, unknown preset, or a
+        value rejected by the file's `validate(config)`.
     """
-    path = os.fspath(path)
+    path, preset = _split_preset(os.fspath(path))
     module = _load_module(path)
-    cfg = module.get_config()
+    if preset is None:
+        cfg = module.get_config()
+    else:
+        presets = tuple(getattr(module, "PRESETS", ()))
+        if preset not in presets:
+            raise ValueError(f"config {path} has no preset {preset!r}; presets: {list(presets) or 'none'}")
+        cfg = module.get_config(preset)
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise TypeError(f"get_config() in {path} must return an ml_collections.ConfigDict, got {type(cfg).__name__}")
     if isinstance(overrides, str):
@@ -215,6 +233,11 @@ def check(condition: bool, message: str) -> None:
 
 
 # ---------------------------------------------------------------- saving and the command line
+def config_to_dict(cfg: ml_collections.ConfigDict) -> dict:
+    """The config as a plain JSON-compatible dict (what ``config.json`` holds)."""
+    return json.loads(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+
+
 def save_config(cfg: ml_collections.ConfigDict, run_dir: str | os.PathLike) -> str:
     """Writes `<run_dir>/config.json` (process 0 only); returns its path."""
     path = os.path.join(os.fspath(run_dir), CONFIG_FILE)
@@ -234,6 +257,8 @@ def add_config_args(parser: argparse.ArgumentParser, *, default_config: str | No
                         help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more overrides, same as --set")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     return parser
 
 
