@@ -33,6 +33,7 @@ bfloat16 1e-2 (observed ~2e-3), float16 2e-3 (observed ~3e-4); ``lse2`` absolute
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -366,3 +367,23 @@ def test_flash_attention_mosaic_compiled(causal):
     want = oracle(q, k, v, do, causal=causal)
     for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
         assert rel_err(g, w) < 3e-2, (name, rel_err(g, w))
+
+
+def test_grid_order_and_compiler_params():
+    """Mosaic GPU launches the last grid axis fastest: the forward's grid is (B, Hq, nq), so
+    consecutive CTAs are consecutive query blocks of one head; compiled with approx_math, as the
+    backward kernels are (and their grids are (B, H, blocks) too)."""
+    from pallas_kernels.attention.mosaic_bwd import _mosaic_flash_bwd
+    T, D = 512, 64
+    st = _static(3, T, T, 5, 5, D, True, "bfloat16", 64, interpret=False)
+    q = jax.ShapeDtypeStruct((3, T, 5, D), jnp.bfloat16)
+    fwd = str(jax.make_jaxpr(lambda q, k, v: mosaic_flash_fwd(q, k, v, st, interpret=False))(q, q, q))
+    assert "grid=(3, 5, 4), grid_names=('b', 'h', 'qb')" in fwd
+    assert "approx_math=True" in fwd
+    stats = jax.ShapeDtypeStruct((3, 5, T), jnp.float32)
+    st_b = dataclasses.replace(st, block_q=64, block_k=128)
+    bwd = str(jax.make_jaxpr(lambda *a: _mosaic_flash_bwd(*a, st_b, st, False))(
+        q, q, q, q, stats, stats))
+    assert "grid=(3, 5, 4), grid_names=('b', 'h', 'kb')" in bwd      # dK/dV: 512 / 128 key blocks
+    assert "grid=(3, 5, 4), grid_names=('b', 'h', 'qb')" in bwd      # dQ: 512 / 128 query blocks
+    assert bwd.count("approx_math=True") == 2

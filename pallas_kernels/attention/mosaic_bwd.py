@@ -13,7 +13,8 @@ need float32 atomics in GMEM plus a conversion pass; the separate dQ kernel reco
 ``dP`` once more -- 2 extra matmuls out of 7 -- but is deterministic and keeps every CTA's
 writes disjoint; the same choice as the Triton kernels here):
 
-* dK/dV, grid ``(Tk_pad // block_k, Hkv, B)``: one CTA owns one key block of one kv head. The
+* dK/dV, grid ``(B, Hkv, Tk_pad // block_k)`` (Mosaic GPU launches the last grid axis fastest,
+  so consecutive CTAs are consecutive key blocks of one kv head): one CTA owns one key block of one kv head. The
   K and V block stay resident in SMEM. ``block_k // 64`` *consumer* warpgroups each own 64 key
   rows (the M of their wgmmas); one *producer* warpgroup streams, for every query head of the
   GQA group and every query block that can see the key block (causal skips the rest), the
@@ -28,7 +29,7 @@ writes disjoint; the same choice as the Triton kernels here):
   so no register tile is ever transposed; Q / dO feed the first two wgmmas as transposed SMEM
   operands. dK / dV accumulate in registers over the whole loop and leave through SMEM (the
   K / V buffers are reused) by TMA.
-* dQ, grid ``(Tq_pad // block_q, Hq, B)``: one CTA owns one query block; ``block_q // 64``
+* dQ, grid ``(B, Hq, Tq_pad // block_q)``: one CTA owns one query block; ``block_q // 64``
   consumer warpgroups own 64 query rows each; the producer streams K / V tiles ``[block_k, D]``
   of the visible key blocks: ``S = Q K^T``, ``dP = dO V^T``, ``dQ += dS K`` (dS through SMEM).
 
@@ -250,7 +251,7 @@ def _dkdv_call(q, k, v, do, lse, delta, st: AttnStatic, interpret):
     out = [jax.ShapeDtypeStruct(k.shape, dt), jax.ShapeDtypeStruct(v.shape, dt)]
     kern = plgpu.kernel(
         functools.partial(_dkdv_kernel, st=st), out_type=out, scratch_types=scratch,
-        grid=(Tk_pad // bk, Hkv, B), grid_names=("kb", "h", "b"),
+        grid=(B, Hkv, Tk_pad // bk), grid_names=("b", "h", "kb"),   # last axis fastest
         num_threads=nc + 1, thread_name="wg", compiler_params=compiler_params(),
         interpret=interpret, kernel_name="flash_attention_bwd_dkdv_mosaic")
     return kern(q, k, v, do, lse, delta)
@@ -331,7 +332,7 @@ def _dq_call(q, k, v, do, lse, delta, st: AttnStatic, interpret):
     B, Tq_pad, Hq, D = q.shape
     bq, bk, dt = st.block_q, st.block_k, q.dtype
     nc = bq // _WG_ROWS
-    tD, tk = smem_transforms(D, dt), smem_transforms(bk, dt)
+    tD = smem_transforms(D, dt)
     scratch = [
         plgpu.SMEM((bq, D), dt, transforms=tD),                   # q_s
         plgpu.SMEM((bq, D), dt, transforms=tD),                   # do_s
@@ -339,14 +340,14 @@ def _dq_call(q, k, v, do, lse, delta, st: AttnStatic, interpret):
         plgpu.SMEM((bq,), jnp.float32),                           # dl_s
         plgpu.SMEM((_STAGES, bk, D), dt, transforms=tD),          # k_s
         plgpu.SMEM((_STAGES, bk, D), dt, transforms=tD),          # v_s
-        plgpu.SMEM((nc, _WG_ROWS, bk), dt, transforms=tk),        # ds_s
+        plgpu.SMEM((nc, _WG_ROWS, bk), dt, transforms=smem_transforms(bk, dt)),   # ds_s
         plgpu.Barrier(num_arrivals=4),                            # q_bar: q, do, lse, delta
         plgpu.Barrier(num_arrivals=2, num_barriers=_STAGES),      # full: k, v
         plgpu.Barrier(num_arrivals=nc, num_barriers=_STAGES),     # free
     ]
     kern = plgpu.kernel(
         functools.partial(_dq_kernel, st=st), out_type=jax.ShapeDtypeStruct(q.shape, dt),
-        scratch_types=scratch, grid=(Tq_pad // bq, Hq, B), grid_names=("qb", "h", "b"),
+        scratch_types=scratch, grid=(B, Hq, Tq_pad // bq), grid_names=("b", "h", "qb"),
         num_threads=nc + 1, thread_name="wg", compiler_params=compiler_params(),
         interpret=interpret, kernel_name="flash_attention_bwd_dq_mosaic")
     return kern(q, k, v, do, lse, delta)

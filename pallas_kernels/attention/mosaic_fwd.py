@@ -7,7 +7,9 @@ Same contract as :func:`pallas_kernels.attention.triton_fwd.flash_fwd` (without 
 are skipped with :func:`pallas_kernels.attention.common.kv_block_range`. GQA reads kv head ``h // group``
 straight from ``k``/``v`` (never repeated).
 
-Design (FA3-style, one CTA per ``(128-row query block, head, batch)``):
+Design (FA3-style, one CTA per ``(batch, head, 128-row query block)``, grid ``(B, Hq, nq)``:
+Mosaic GPU makes the last grid axis the fastest, so consecutive CTAs are consecutive query
+blocks of one head; compiled with ``approx_math=True``):
 
 * three warpgroups (``plgpu.kernel(num_threads=3)``): warpgroups 0 and 1 are *consumers*, each
   owning 64 query rows; warpgroup 2 is the *producer*. The producer gives registers away
@@ -71,7 +73,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.attention.common import AttnStatic, kv_block_range
 from pallas_kernels.attention.mosaic_common import (CONSUMER_REGS, MOSAIC_BLOCK_Q, MOSAIC_BLOCKS,
                                                     PRODUCER_REGS, SMEM_LIMIT, WG_ROWS,
-                                                    interpret_params, matmul,
+                                                    compiler_params, interpret_params, matmul,
                                                     mosaic_unsupported_reason, smem_transforms,
                                                     visible, wait_slot_free)
 
@@ -459,10 +461,13 @@ def mosaic_flash_fwd(q, k, v, st: AttnStatic, *, interpret: bool, num_slots: int
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                   jax.ShapeDtypeStruct((B, Hq, Tq_pad), jnp.float32)),
         scratch_types=scratch,
-        grid=(nq, Hq, B),
-        grid_names=("qb", "h", "b"),
+        # Mosaic GPU launches the LAST grid axis fastest (blockIdx.x): consecutive CTAs are
+        # consecutive query blocks of one (batch, head), which share that head's K/V in L2.
+        grid=(B, Hq, nq),
+        grid_names=("b", "h", "qb"),
         num_threads=3,
         thread_name="wg",
+        compiler_params=compiler_params(),   # approx exp2 / division, as the backward
         interpret=interpret_params(interpret, detect_races),
     )
     return kernel(q, k, v)
