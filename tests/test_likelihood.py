@@ -13,6 +13,7 @@ from research.generative.paths import get_path
 from research.generative.samplers import pf_ode_velocity
 from research.generative.sde import PathSDE, SubVPSDE, VESDE, VPSDE
 from tests.gaussian_oracle import GaussianOracle
+from tests.test_x64 import dtype  # noqa: F401  (fixture: float32 and float64)
 
 MU = np.array([0.7, -0.4, 1.1], np.float32)
 S0 = 0.6
@@ -79,18 +80,37 @@ def _setup(name):
     return o, v, t0, t1
 
 
+def _gauss_logp(o, t):
+    """log N(z; a mu, v I) at time t with (a mu, v) as float64 constants (jax, the dtype of z)."""
+    mean, var = np.asarray(o.mean(t), np.float64), o.var(t)
+    return lambda z: (-0.5 * z.shape[1] * math.log(2 * math.pi * var)
+                      - 0.5 * jnp.sum((z - jnp.asarray(mean, z.dtype)) ** 2, axis=1) / var)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("divergence", ["exact", "rademacher"])
-def test_pf_ode_likelihood_of_gaussian_is_exact(name, divergence):
-    """Exact score -> log p_{t0}(x) = log N(x; a mu, a^2 s0^2 + s^2) to solver tolerance (the field is
-    isotropic-linear, so the Rademacher estimate is exact here too)."""
+def test_pf_ode_likelihood_of_gaussian_is_exact(name, divergence, dtype):
+    """Exact score -> log p_{t_start}(x) = log N(x; a mu, a^2 s0^2 + s^2) to solver tolerance (the field
+    is isotropic-linear, so the Rademacher estimate is exact here too).
+
+    Tolerances follow the solver's: float32 with rtol = atol = 1e-6 on the state (and ~1e-7 round-off
+    in the schedules) -> logp to 5e-3 absolute (the log-density integrates div v ~ 1/sigma over
+    [1e-5, 1] for VE: 1e-6 relative error per step on a quantity of size ~10-100); float64 with
+    rtol = atol = 1e-10 -> 1e-6 (same amplification, 1e4x smaller local error)."""
+    f64 = dtype == jnp.float64
     o, v, t0, t1 = _setup(name)
     x = np.asarray(o.mean(t0)) + np.sqrt(o.var(t0)) * np.asarray(jax.random.normal(jax.random.PRNGKey(3), (16, 3)))
-    f = jax.jit(lambda y, k: LK.ode_log_likelihood(v, y, prior_logp=lambda z: o.logp_jax(z, t1), t_start=t0, t_end=t1,
-                                                   divergence=divergence, key=k, rtol=1e-6, atol=1e-6))
+    x = jnp.asarray(x, dtype)
+    tol = 1e-10 if f64 else 1e-6
+    prior = _gauss_logp(o, t1)
+    f = jax.jit(lambda y, k: LK.ode_log_likelihood(v, y, prior_logp=prior, t_start=t0, t_end=t1,
+                                                   divergence=divergence, key=k, rtol=tol, atol=tol))
     logp, aux = f(x, jax.random.PRNGKey(4))
-    np.testing.assert_allclose(np.asarray(logp), o.logp(x, t0), atol=5e-3, rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(aux["z"]), o.transport(x, t0, t1), rtol=1e-3, atol=1e-3 * math.sqrt(o.var(t1)))
+    assert logp.dtype == dtype and aux["z"].dtype == dtype
+    np.testing.assert_allclose(np.asarray(logp), o.logp(x, t0), atol=1e-6 if f64 else 5e-3, rtol=1e-4)
+    ztol = 1e-7 if f64 else 1e-3
+    np.testing.assert_allclose(np.asarray(aux["z"]), o.transport(np.asarray(x, np.float64), t0, t1), rtol=ztol,
+                               atol=ztol * math.sqrt(o.var(t1)))
     assert int(aux["nfe"]) > 6
 
 
@@ -109,19 +129,49 @@ def test_pf_ode_likelihood_with_the_sde_prior_and_gaussian_probes():
     assert np.all(np.abs(est.mean(0) - o.logp(x, 1e-3)) < 4 * se + 0.03)
 
 
+def _counting(v):
+    """v wrapped so that every evaluation (also inside a JVP, lax.map or the solver loop) is counted."""
+    calls = []
+
+    def counted(x, t):
+        jax.debug.callback(lambda: calls.append(1))
+        return v(x, t)
+
+    return counted, calls
+
+
+@pytest.mark.parametrize("solver,divergence", [("heun", "exact"), ("heun", "rademacher"), ("euler", "rademacher"),
+                                               ("tsit5", "exact")])
+def test_likelihood_nfe_counts_the_velocity_calls(solver, divergence):
+    """aux["nfe"] = RHS evaluations; the velocity is called once per evaluation with a Hutchinson
+    probe and D times (one JVP per basis vector) with the exact divergence -- counted, not derived."""
+    o, v, _, _ = _setup("rectified_flow")
+    x = jnp.asarray(np.asarray(jax.random.normal(jax.random.PRNGKey(7), (8, 3))))
+    counted, calls = _counting(v)
+    kw = {"num_steps": 16} if solver in ("heun", "euler") else {"rtol": 1e-4, "atol": 1e-4}
+    _, aux = LK.ode_log_likelihood(counted, x, prior_logp=_gauss_logp(o, 1.0), divergence=divergence, solver=solver,
+                                   key=jax.random.PRNGKey(0), **kw)
+    jax.effects_barrier()
+    per_eval = x.shape[1] if divergence == "exact" else 1
+    assert int(aux["nfe"]) * per_eval == len(calls)
+    if solver in ("heun", "euler"):
+        assert int(aux["nfe"]) == 16 * {"heun": 2, "euler": 1}[solver]
+
+
 def test_fixed_step_likelihood_and_errors():
     o, v, t0, t1 = _setup("rectified_flow")
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (8, 3)))
-    prior = lambda z: o.logp_jax(z, 1.0)
+    prior = _gauss_logp(o, 1.0)
     logp, aux = LK.ode_log_likelihood(v, x, prior_logp=prior, divergence="exact", solver="heun", num_steps=64)
     np.testing.assert_allclose(np.asarray(logp), o.logp(x, 0.0), atol=2e-2)
-    assert int(aux["nfe"]) == 128
     with pytest.raises(ValueError, match="num_steps"):
         LK.ode_log_likelihood(v, x, prior_logp=prior, divergence="exact", solver="heun")
     with pytest.raises(ValueError, match="key"):
         LK.ode_log_likelihood(v, x, prior_logp=prior, divergence="rademacher")
     with pytest.raises(ValueError, match="unknown divergence"):
         LK.ode_log_likelihood(v, x, prior_logp=prior, divergence="skilling")
+    with pytest.raises(ValueError, match="t_start != t_end"):
+        LK.ode_log_likelihood(v, x, prior_logp=prior, divergence="exact", t_start=0.5, t_end=0.5)
 
 
 def test_adaptive_likelihood_nfe_is_exact_count():
