@@ -17,6 +17,7 @@ from research.generative.paths import get_path
 from research.generative.sde import SubVPSDE, VESDE, VPSDE
 from research.generative.timesteps import TIMESTEP_DISTS, sample_edm_sigma, sample_timesteps
 from tests.gaussian_oracle import GaussianOracle
+from tests.test_x64 import dtype  # noqa: F401  (fixture: float32 and float64)
 
 MU = np.array([0.8, -0.3, 0.0, 1.5], np.float32)
 S0 = 0.6
@@ -70,22 +71,90 @@ def test_icfm_sigma_optimum(x0):
     np.testing.assert_allclose(float(loss), ref, rtol=0.03)
 
 
-def test_ot_cfm_uses_exact_minibatch_assignment():
+def test_ot_cfm_uses_exact_minibatch_assignment(dtype):
     """Zero model, sigma = 0: the loss is the mean squared pair distance, t-independent; with the OT
-    coupling it equals scipy's optimal assignment cost (x1 is drawn from the first split of key)."""
-    xb = jax.random.normal(jax.random.PRNGKey(3), (64, 3)) * 2.0 + 1.0
+    coupling it equals scipy's optimal assignment cost (x1 is drawn from the first split of key).
+    Tolerance: a mean of 192 squares, ~1e-7 (float32) / 1e-16 (float64) relative round-off each
+    -> rtol 1e-4 / 1e-12."""
+    xb = jax.random.normal(jax.random.PRNGKey(3), (64, 3), dtype) * 2.0 + 1.0
     key = jax.random.PRNGKey(4)
     zero = lambda p, x, t, c, k: jnp.zeros_like(x)
     ot, _ = jax.jit(lambda x, k: L.cfm_loss(zero, None, x, k, coupling="ot"))(xb, key)
     ind, _ = L.cfm_loss(zero, None, xb, key, coupling="independent")
-    x1 = np.asarray(jax.random.normal(jax.random.split(key)[0], xb.shape, jnp.float32), np.float64)
+    assert ot.dtype == dtype and ind.dtype == dtype
+    rtol = 1e-12 if dtype == jnp.float64 else 1e-4
+    x1 = np.asarray(jax.random.normal(jax.random.split(key)[0], xb.shape, dtype), np.float64)
     c = ((np.asarray(xb, np.float64)[:, None] - x1[None]) ** 2).sum(-1)
     r, col = linear_sum_assignment(c)
-    np.testing.assert_allclose(float(ot), c[r, col].sum() / c.size * len(c) / 3, rtol=1e-4)
-    np.testing.assert_allclose(float(ind), np.trace(c) / (64 * 3), rtol=1e-4)
+    np.testing.assert_allclose(float(ot), c[r, col].sum() / c.size * len(c) / 3, rtol=rtol)
+    np.testing.assert_allclose(float(ind), np.trace(c) / (64 * 3), rtol=rtol)
     assert float(ot) < float(ind)
     with pytest.raises(ValueError, match="coupling"):
         L.cfm_loss(zero, None, xb, key, coupling="sinkhorn")
+
+
+def test_pair_flow_loss_closed_form(dtype):
+    """Pairs x1 = x0 + c: the target x1 - x0 = c for every t, so a model returning c has loss 0 and the
+    zero model has loss mean(c^2) -- exact up to round-off in x1 - x0 (|x| ~ 3: 3 eps relative to
+    c ~ 1, squared): 1e-12 / 1e-5 absolute in float64 / float32."""
+    x0 = jax.random.normal(jax.random.PRNGKey(0), (32, 3), dtype) * 3.0
+    c = jnp.array([0.5, -1.0, 2.0], dtype)
+    x1 = x0 + c
+    exact = lambda p, x, t, cc, k: jnp.broadcast_to(c, x.shape)
+    zero = lambda p, x, t, cc, k: jnp.zeros_like(x)
+    key = jax.random.PRNGKey(1)
+    loss, _ = L.pair_flow_loss(exact, None, x0, x1, key)
+    bad, _ = L.pair_flow_loss(zero, None, x0, x1, key)
+    assert loss.dtype == dtype and bad.dtype == dtype
+    atol = 1e-12 if dtype == jnp.float64 else 1e-5
+    np.testing.assert_allclose(float(loss), 0.0, atol=atol)
+    np.testing.assert_allclose(float(bad), float(np.mean(np.asarray(c, np.float64) ** 2)), atol=atol * 10)
+
+
+def _wrong_shape(p, x, t, c, k):
+    return jnp.zeros(x.shape[:1] + (1,), x.dtype)  # [B, 1] broadcasts against [B, D] -- a silent bug
+
+
+@pytest.mark.parametrize("which", ["rectified_flow", "cfm", "pair", "dsm", "edm", "path"])
+def test_every_loss_rejects_a_model_output_of_the_wrong_shape(which):
+    x0 = jnp.ones((4, 3))
+    key = jax.random.PRNGKey(0)
+    call = {
+        "rectified_flow": lambda m: L.rectified_flow_loss(m, None, x0, key),
+        "cfm": lambda m: L.cfm_loss(m, None, x0, key, sigma=0.1),
+        "pair": lambda m: L.pair_flow_loss(m, None, x0, x0, key),
+        "dsm": lambda m: L.dsm_loss(m, None, x0, key, sde=VPSDE()),
+        "edm": lambda m: L.edm_loss(m, None, x0, key),
+        "path": lambda m: L.path_loss(m, None, x0, key, path=get_path("vp_linear"), t_min=0.1),
+    }[which]
+    with pytest.raises(ValueError, match=r"\(4, 1\).*\(4, 3\)"):
+        call(_wrong_shape)
+    with pytest.raises(ValueError, match=r"\(4, 1\).*\(4, 3\)"):
+        jax.jit(lambda x: call(_wrong_shape))(x0)  # shapes are static: also raised at trace time
+
+
+def test_static_hyper_parameters_are_checked():
+    from research.generative.edm import edm_precond, edm_weight, karras_sigmas, make_edm_denoiser
+    from research.generative.parameterization import eps_precond, preconditioned_eps_model
+
+    zero = lambda p, x, t, c, k: jnp.zeros_like(x)
+    x0, key = jnp.ones((4, 3)), jax.random.PRNGKey(0)
+    for bad in (0.0, -0.5, float("nan")):
+        for fn in (lambda: edm_precond(1.0, bad), lambda: edm_weight(1.0, bad),
+                   lambda: make_edm_denoiser(zero, None, sigma_data=bad),
+                   lambda: L.edm_loss(zero, None, x0, key, sigma_data=bad),
+                   lambda: eps_precond(get_path("vp_linear"), jnp.ones(2), bad),
+                   lambda: preconditioned_eps_model(zero, get_path("vp_linear"), bad)):
+            with pytest.raises(ValueError, match="sigma_data"):
+                fn()
+        with pytest.raises(ValueError, match="rho"):
+            karras_sigmas(4, rho=bad)
+        with pytest.raises(ValueError, match="P_std"):
+            L.edm_loss(zero, None, x0, key, P_std=bad)
+        with pytest.raises(ValueError, match="P_std"):
+            sample_edm_sigma(key, (3,), P_std=bad)
+    with pytest.raises(ValueError, match="sigma"):
+        L.pair_flow_loss(zero, None, x0, x0, key, sigma=-0.1)
 
 
 def test_pair_flow_loss_shape_checks():
@@ -156,6 +225,20 @@ def test_dsm_likelihood_weighting_and_sum(x0, name):
     mean_l, _ = L.dsm_loss(model, None, x0, jax.random.PRNGKey(7), sde=sde)
     sum_l, _ = L.dsm_loss(model, None, x0, jax.random.PRNGKey(7), sde=sde, reduce_mean=False)
     np.testing.assert_allclose(float(sum_l), 4 * float(mean_l), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(DSM_SDES))
+def test_dsm_sum_is_dims_times_mean(name, dtype):
+    """reduce_mean=False sums the same 4 per-dimension errors: exactly 4x up to the order of the
+    summation (1e-6 / 1e-14 relative in float32 / float64)."""
+    sde = DSM_SDES[name]
+    o = GaussianOracle(sde.path, MU, S0)
+    model = lambda p, x, t, c, k: o.eps(x, t)
+    xb = jnp.asarray(MU, dtype) + S0 * jax.random.normal(jax.random.PRNGKey(12), (256, 4), dtype)
+    mean_l, _ = L.dsm_loss(model, None, xb, jax.random.PRNGKey(7), sde=sde)
+    sum_l, _ = L.dsm_loss(model, None, xb, jax.random.PRNGKey(7), sde=sde, reduce_mean=False)
+    assert mean_l.dtype == dtype and sum_l.dtype == dtype
+    np.testing.assert_allclose(float(sum_l), 4 * float(mean_l), rtol=1e-14 if dtype == jnp.float64 else 1e-6)
 
 
 # ----------------------------------------------------------------------------- EDM
@@ -233,6 +316,13 @@ def test_logit_normal_loc_scale_and_edm_sigma():
     assert np.all(np.isfinite(expit(lt)))
 
 
+@pytest.mark.parametrize("dist", TIMESTEP_DISTS)
+def test_timestep_dtype(dist, dtype):
+    t = sample_timesteps(jax.random.PRNGKey(0), (64,), dist=dist, t_min=0.1, t_max=0.9, dtype=dtype)
+    assert t.dtype == dtype and float(t.min()) > 0.1 and float(t.max()) < 0.9
+    assert sample_edm_sigma(jax.random.PRNGKey(0), (8,), dtype=dtype).dtype == dtype
+
+
 def test_timestep_errors():
     k = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="unknown dist"):
@@ -241,3 +331,5 @@ def test_timestep_errors():
         sample_timesteps(k, (3,), t_min=0.5, t_max=0.2)
     with pytest.raises(ValueError, match="at most one"):
         sample_timesteps(k, (3,), antithetic=True, stratified=True)
+    with pytest.raises(ValueError, match="dtype"):
+        sample_timesteps(k, (3,), dtype=jnp.bfloat16)
