@@ -8,6 +8,14 @@ adaLN layer, so the network outputs exactly zero at initialisation.
 Label id ``num_classes`` is the null label used for classifier-free guidance; with
 ``train=True`` labels are replaced by it with probability ``class_dropout_prob`` (rng stream
 ``'dropout'``).
+
+Labels outside ``[0, num_classes]`` embed as NaN (or, for -1, silently as the null label). The data
+pipeline checks them eagerly (``research.data.iterators.check_labels`` / ``batch_iterator(...,
+num_classes=...)``); inside the model ``LabelEmbedder`` carries a ``jax.experimental.checkify``
+debug check, free and inactive in plain code, reported when the caller checkifies::
+
+    err, out = jax.jit(checkify.checkify(model_fn))(params, x, t, y)
+    err.throw()   # JaxRuntimeError: DiT: class labels must be in [0, 10] ...
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental import checkify
 
 from research.nn.attention import attention
 from research.nn.embeddings import sincos_2d, timestep_embedding
@@ -54,7 +63,10 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """y [B] int -> [B, hidden]; table has ``num_classes + 1`` rows (the last is the null label)."""
+    """y [B] int -> [B, hidden]; table has ``num_classes + 1`` rows (the last is the null label).
+
+    ``y`` must lie in ``[0, num_classes]``: a checkify debug check (active under
+    ``checkify.checkify``, a no-op otherwise) reports the first bad label."""
 
     num_classes: int
     hidden_size: int
@@ -65,6 +77,10 @@ class LabelEmbedder(nn.Module):
     @nn.compact
     def __call__(self, y, *, train: bool, force_drop_ids=None):
         y = jnp.asarray(y, jnp.int32)
+        bad = (y < 0) | (y > self.num_classes)
+        k = self.num_classes
+        checkify.debug_check(~jnp.any(bad), f"DiT: class labels must be in [0, {k}] ({k} is the null label); got "
+                             "{} bad label(s), the first is {}", jnp.sum(bad), y.reshape(-1)[jnp.argmax(bad.reshape(-1))])
         if train and self.dropout_prob > 0:
             drop = jax.random.bernoulli(self.make_rng("dropout"), self.dropout_prob, y.shape)
             y = jnp.where(drop, self.num_classes, y)
