@@ -121,8 +121,11 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, referen
         f.write(bytes(b ^ 0xFF for b in chunk))
     q = _run(tmp_path)
     text = q.stderr + q.stdout
-    assert "checkpoints/6" in text or os.path.join("checkpoints", "6") in text, text[-2000:]
+    assert os.path.join("checkpoints", "6") in text, text[-2000:]
     _assert_same(tmp_path, reference)
+    # the corrupt step was moved aside (kept, not deleted) and written afresh by the resumed run
+    assert os.listdir(tmp_path / "checkpoints.corrupt")
+    assert 6 in _steps(tmp_path) and os.path.isfile(tmp_path / "checkpoints" / "6" / "digest.json")
 
 
 def _one_line_error(p, *needles):

@@ -43,6 +43,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import time
 import warnings
 from typing import Any, Iterable, Mapping
 
@@ -71,6 +72,17 @@ class ConfigMismatchError(CheckpointError):
 
 
 # ---------------------------------------------------------------------------------------------- trees
+def _fault_point(step: int) -> None:
+    """Fault drill (tests/test_faults.py): with ``RESEARCH_FAULT_KILL_IN_SAVE=<step>`` in the environment the
+    process SIGKILLs itself after that step's arrays are on disk and before its digest is written, i.e.
+    in the middle of the checkpoint write. Unset (always, outside the drills) this does nothing."""
+    target = os.environ.get("RESEARCH_FAULT_KILL_IN_SAVE")
+    if target is not None and target.strip() == str(step):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _is_typed_key(x) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -222,6 +234,7 @@ class Checkpointer:
                 path = self.step_path(step)
                 if not os.path.isdir(path):
                     continue  # orbax did not finalise it (or it was pruned already)
+                _fault_point(step)
                 digest = dict(digest, digest_sha256=_sha(digest))
                 tmp = os.path.join(path, f".{DIGEST_FILE}.tmp")
                 with open(tmp, "w", encoding="utf-8") as f:
@@ -341,14 +354,31 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             return None
-        reasons = []
+        reasons, bad = [], []
         for step in reversed(steps):
             try:
-                return self.restore(step, template, force=force)
+                state = self.restore(step, template, force=force)
             except CorruptCheckpointError as e:
                 reasons.append(f"step {step}: {e}")
+                bad.append(step)
                 warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+                continue
+            self._quarantine(bad)
+            return state
         raise CheckpointError(f"no intact checkpoint in {self.directory}: " + " | ".join(reasons))
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves the corrupt checkpoints newer than the restored one to ``<directory>.corrupt/`` (kept for
+        inspection, nothing deleted), so the resumed run writes those steps afresh."""
+        if not steps or jax.process_index() != 0:
+            return
+        dest_root = self.directory + ".corrupt"
+        os.makedirs(dest_root, exist_ok=True)
+        for step in steps:
+            dest = os.path.join(dest_root, f"{step}-{int(time.time())}")
+            os.replace(self.step_path(step), dest)
+            warnings.warn(f"moved the corrupt checkpoint {self.step_path(step)} to {dest}", stacklevel=3)
+        self._manager.reload()
 
     def close(self) -> None:
         self._finish_pending()
