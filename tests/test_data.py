@@ -203,3 +203,21 @@ def test_iterator_bad_input():
         next(batch_iterator(arrs, 0, seed=0))
     with pytest.raises(TypeError, match="seed"):
         next(batch_iterator(arrs, 2, seed=1.5))
+
+
+def test_labels_are_checked_eagerly_by_the_pipeline():
+    """Class ids outside [0, num_classes) raise at the batch_iterator call (before any batch), naming
+    the bad values: a DiT embeds them as NaN, or -1 silently as its null label."""
+    from research.data.iterators import check_labels
+
+    x = np.zeros((6, 2), np.float32)
+    good = np.array([0, 1, 2, 9, 3, 4])
+    assert next(batch_iterator({"x": x, "y": good}, 2, seed=0, num_classes=10))["y"].shape == (2,)
+    for bad, shown in [(np.array([0, -1, 2, 3, 4, 5]), "-1"), (np.array([0, 1, 10, 12, 4, 5]), "10, 12")]:
+        with pytest.raises(ValueError, match=f"bad values {shown}"):
+            batch_iterator({"x": x, "y": bad}, 2, seed=0, num_classes=10)  # no next(): raised at the call
+    np.testing.assert_array_equal(check_labels([0, 10], 10, allow_null=True), [0, 10])
+    with pytest.raises(ValueError, match="no 'label' entry"):
+        batch_iterator({"x": x, "y": good}, 2, seed=0, num_classes=10, label_key="label")
+    with pytest.raises(ValueError, match="integer class ids"):
+        check_labels(np.array([0.5, 1.0]), 10)
