@@ -185,7 +185,7 @@ def make_state(params, key, *, learning_rate: float, warmup_steps: int, total_st
     from research.train.state import create_train_state
 
     optimizer = make_optimizer(learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps,
-                               weight_decay=weight_decay, clip_norm=clip_norm)
+                               weight_decay=weight_decay, clip_norm=clip_norm or None)
     use_ema = ema_half_life_images > 0
     ema_decay = ema_decay_from_half_life(ema_half_life_images, batch_size) if use_ema else None
     return optimizer, ema_decay, create_train_state(params, optimizer, key, ema=use_ema)
@@ -223,8 +223,44 @@ def open_run(run_dir: str, cfg, log: logging.Logger, state, *, save_every: int, 
     return ckpt, state
 
 
+NUM_DIGIT_CLASSES = 10
+TRAIN_KEYS = ("learning_rate", "warmup_steps", "num_steps", "weight_decay", "clip_norm", "ema_half_life_images",
+              "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "progress")
+
+
+def train_digits(run_dir: str, log: logging.Logger, cfg, *, method, model_fn, params, arrays: dict, key_state, key_data,
+                 resume: str, learning_rate: float, warmup_steps: int, num_steps: int, weight_decay: float,
+                 clip_norm: float, ema_half_life_images: float, batch_size: int, checkpoint_every: int,
+                 keep_checkpoints: int, log_every: int, progress: bool, stop_at_step: int = 0,
+                 tensorboard: bool = False):
+    """Trains ``method.loss`` on ``arrays["image"]`` given ``arrays["label"]`` with AdamW + EMA, resuming the
+    newest intact checkpoint of ``run_dir`` (checked against ``cfg``, see ``open_run``), up to ``stop_at_step``
+    (if > 0) or ``num_steps``. Pass the train values explicitly: ``**{k: cfg.train[k] for k in TRAIN_KEYS}``.
+
+    Returns ``(state, ema_decay, start_step, train_time_s, final_loss)``."""
+    from research.train.step import make_train_step
+
+    optimizer, ema_decay, state = make_state(
+        params, key_state, learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=num_steps,
+        weight_decay=weight_decay, clip_norm=clip_norm, ema_half_life_images=ema_half_life_images,
+        batch_size=batch_size)
+    ckpt, state = open_run(run_dir, cfg, log, state, save_every=checkpoint_every, keep=keep_checkpoints,
+                           resume=resume)
+
+    def loss_fn(p, batch, key):
+        return method.loss(model_fn, p, batch["image"], key, cond=batch["label"])
+
+    step_fn = make_train_step(loss_fn, optimizer, ema_decay=ema_decay)
+    state, start_step, train_time, final_loss = train_resumable(
+        run_dir, log, state, step_fn, arrays, key_data, ckpt, num_steps=stop_at_step or num_steps,
+        batch_size=batch_size, log_every=log_every, progress=progress, tensorboard=tensorboard,
+        num_classes=NUM_DIGIT_CLASSES)
+    return state, ema_decay, start_step, train_time, final_loss
+
+
 def train_resumable(run_dir: str, log: logging.Logger, state, step_fn, arrays: dict, key, ckpt, *,
-                    num_steps: int, batch_size: int, log_every: int, progress: bool, tensorboard: bool = False):
+                    num_steps: int, batch_size: int, log_every: int, progress: bool, tensorboard: bool = False,
+                    num_classes: int | None = None, label_key: str = "label"):
     """Trains to ``num_steps`` with the opened checkpointer ``ckpt`` (see ``open_run``); the data iterator
     skips to the restored step, so a resumed run is bit-identical. Writes ``metrics.jsonl`` and
     ``curves.png``. Returns ``(state, start_step, train_time_s, final_loss)``."""
@@ -237,7 +273,8 @@ def train_resumable(run_dir: str, log: logging.Logger, state, step_fn, arrays: d
     t_train = time.perf_counter()
     try:
         state = train_loop(
-            state, step_fn, lambda s: batch_iterator(arrays, batch_size, key=key, start_step=s),
+            state, step_fn, lambda s: batch_iterator(arrays, batch_size, key=key, start_step=s,
+                                                     num_classes=num_classes, label_key=label_key),
             num_steps=num_steps, run_dir=run_dir, checkpointer=ckpt, log_every=log_every, logger=logger,
             progress=progress)
     finally:

@@ -17,13 +17,12 @@ import jax
 import numpy as np
 
 from experiments.common import (
-    build_digits_dit, close_text_log, make_state, open_run, resolve_run_dir, run_cli, sample_digits, setup_text_log,
-    train_resumable, write_digit_samples_and_metrics, write_json,
+    TRAIN_KEYS, build_digits_dit, close_text_log, resolve_run_dir, run_cli, sample_digits, setup_text_log,
+    train_digits, write_digit_samples_and_metrics, write_json,
 )
 from research.data.digits import load_digits
 from research.generative.methods import get_method
 from research.nn.dit import init_dit, make_model_fn
-from research.train.step import make_train_step
 
 
 def run(cfg) -> dict:
@@ -51,20 +50,10 @@ def _run(cfg, run_dir, log, t_start) -> dict:
     log.info(f"DiT params: {n_params:,}; train images: {len(labels)}")
 
     method = get_method("rf", timestep_dist=tc.timestep_dist, loc=tc.timestep_loc, scale=tc.timestep_scale)
-    optimizer, ema_decay, state = make_state(
-        params, k_train, learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.num_steps,
-        weight_decay=tc.weight_decay, clip_norm=tc.clip_norm, ema_half_life_images=tc.ema_half_life_images,
-        batch_size=tc.batch_size)
-    ckpt, state = open_run(run_dir, cfg, log, state, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
-                           resume=cfg.resume)
-
-    def loss_fn(p, batch, key):
-        return method.loss(model_fn, p, batch["image"], key, cond=batch["label"])
-
-    step_fn = make_train_step(loss_fn, optimizer, ema_decay=ema_decay)
-    state, start_step, train_time, final_loss = train_resumable(
-        run_dir, log, state, step_fn, arrays, k_data, ckpt, num_steps=tc.stop_at_step or tc.num_steps,
-        batch_size=tc.batch_size, log_every=tc.log_every, progress=tc.progress, tensorboard=tc.tensorboard)
+    state, ema_decay, start_step, train_time, final_loss = train_digits(
+        run_dir, log, cfg, method=method, model_fn=model_fn, params=params, arrays=arrays, key_state=k_train,
+        key_data=k_data, resume=cfg.resume, stop_at_step=tc.stop_at_step, tensorboard=tc.tensorboard,
+        **{k: tc[k] for k in TRAIN_KEYS})
     log.info(f"trained steps {start_step} -> {int(state.step)} in {train_time:.1f}s; final loss {final_loss}")
     if int(state.step) < tc.num_steps:
         log.info(f"stopped at step {int(state.step)} (train.stop_at_step); rerun to resume. No samples written.")

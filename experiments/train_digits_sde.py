@@ -16,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (
-    build_digits_dit, build_digits_method, close_text_log, make_state, open_run, resolve_run_dir, run_cli, sample_digits, setup_text_log,
-    train_resumable, write_digit_samples_and_metrics, write_json,
+    TRAIN_KEYS, build_digits_dit, build_digits_method, close_text_log, resolve_run_dir, run_cli, sample_digits,
+    setup_text_log, train_digits, write_digit_samples_and_metrics, write_json,
 )
 from research.data.digits import NUM_CLASSES, load_digits, to_0_16
 from research.generative.likelihood import bits_per_dim, dequantize, digits_dequantization
 from research.nn.dit import init_dit, make_model_fn
-from research.train.step import make_train_step
 
 
 def digits_bits_per_dim(method, model_fn, params, images, key, *, divergence: str, rtol: float):
@@ -68,20 +67,9 @@ def _run(cfg, name, run_dir, log) -> dict:
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     log.info(f"method={cfg.method} DiT params: {n_params:,}; train images: {len(labels)}")
 
-    optimizer, ema_decay, state = make_state(
-        params, k_train, learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.num_steps,
-        weight_decay=tc.weight_decay, clip_norm=tc.clip_norm, ema_half_life_images=tc.ema_half_life_images,
-        batch_size=tc.batch_size)
-    ckpt, state = open_run(run_dir, cfg, log, state, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
-                           resume=cfg.resume)
-
-    def loss_fn(p, batch, key):
-        return method.loss(model_fn, p, batch["image"], key, cond=batch["label"])
-
-    step_fn = make_train_step(loss_fn, optimizer, ema_decay=ema_decay)
-    state, start_step, train_time, final_loss = train_resumable(
-        run_dir, log, state, step_fn, arrays, k_data, ckpt, num_steps=tc.num_steps, batch_size=tc.batch_size,
-        log_every=tc.log_every, progress=tc.progress)
+    state, ema_decay, start_step, train_time, final_loss = train_digits(
+        run_dir, log, cfg, method=method, model_fn=model_fn, params=params, arrays=arrays, key_state=k_train,
+        key_data=k_data, resume=cfg.resume, **{k: tc[k] for k in TRAIN_KEYS})
     params = state.ema_params if ema_decay is not None else state.params
 
     # ---- class-conditional samples with CFG (one jitted sampler)

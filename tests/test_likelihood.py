@@ -10,7 +10,7 @@ import pytest
 from research.generative import likelihood as LK
 from research.generative import parameterization as P
 from research.generative.paths import get_path
-from research.generative.samplers import pf_ode_velocity
+from research.generative.sampling import pf_ode_velocity
 from research.generative.sde import PathSDE, SubVPSDE, VESDE, VPSDE
 from tests.gaussian_oracle import GaussianOracle
 from tests.test_x64 import dtype  # noqa: F401  (fixture: float32 and float64)

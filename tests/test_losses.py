@@ -134,7 +134,8 @@ def test_every_loss_rejects_a_model_output_of_the_wrong_shape(which):
 
 
 def test_static_hyper_parameters_are_checked():
-    from research.generative.edm import edm_precond, edm_weight, karras_sigmas, make_edm_denoiser
+    from research.generative.edm import edm_precond, edm_weight, make_edm_denoiser
+    from research.generative.sampling import karras
     from research.generative.parameterization import eps_precond, preconditioned_eps_model
 
     zero = lambda p, x, t, c, k: jnp.zeros_like(x)
@@ -148,7 +149,7 @@ def test_static_hyper_parameters_are_checked():
             with pytest.raises(ValueError, match="sigma_data"):
                 fn()
         with pytest.raises(ValueError, match="rho"):
-            karras_sigmas(4, rho=bad)
+            karras(4, 0.002, 80.0, rho=bad)
         with pytest.raises(ValueError, match="P_std"):
             L.edm_loss(zero, None, x0, key, P_std=bad)
         with pytest.raises(ValueError, match="P_std"):

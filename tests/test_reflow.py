@@ -31,7 +31,7 @@ def test_reflow_pairs_are_the_exact_transport_map():
     h^4 |x^(5)| / 180 with h = 1/32 and a field whose log-std rate varies on a scale ~0.3 -> ~1e-6,
     plus float32 round-off over 32 steps (~1e-6) -> 2e-5 absolute on |x| ~ 3."""
     o = GaussianOracle(get_path("rectified_flow"), MU, S0)
-    x0, x1 = reflow_pairs(o.velocity, jax.random.PRNGKey(0), (256, 3), num_steps=32, method="rk4")
+    x0, x1 = reflow_pairs(o.velocity, jax.random.PRNGKey(0), (256, 3), num_steps=32, solver="rk4")
     assert x0.shape == x1.shape == (256, 3) and x0.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(x0), MU + S0 * np.asarray(x1), atol=2e-5)
     # the noise side really is N(0, I) draws

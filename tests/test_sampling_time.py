@@ -1,7 +1,4 @@
-"""Time-space samplers (score SDEs, DDIM, ODEs) against closed forms, one-step formulas, and (while the
-old modules exist) bit-identity with sde_samplers.py / solvers.py in float32."""
-import importlib.util
-
+"""Time-space samplers (score SDEs, DDIM, ODEs) against closed forms and one-step formulas."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,35 +178,3 @@ def test_ddim_eta1_step_is_ddpm_posterior(path_name):
 def test_ddim_eta_needs_key():
     with pytest.raises(ValueError, match="key"):
         sample_time("ddim", lambda x, t: (x, x), jnp.zeros((2, 2)), path=get_path("vp_linear"), num_steps=2, eta=0.5)
-
-
-# --------------------------------------------------------------------------- identical to the old modules
-_OLD = importlib.util.find_spec("research.generative.sde_samplers") is not None
-
-
-@pytest.mark.skipif(not _OLD, reason="old sampler modules removed")
-def test_bit_identical_to_old_modules_float32(z):
-    from research.generative import sde_samplers as old_s
-    from research.generative import solvers as old_o
-
-    x = z[:64]
-    sde = VPSDE()
-    o = GaussianOracle(sde.path, MU, S0)
-    k = jax.random.key(11)
-    for solver in ("euler", "heun", "rk4"):
-        new, _ = sample_time("ode", _condot_velocity, x, num_steps=7, solver=solver, t_start=0.9, t_end=0.05)
-        old = old_o.ode_sample(_condot_velocity, x, num_steps=7, method=solver, t_start=0.9, t_end=0.05)
-        np.testing.assert_array_equal(new, old)
-        ts = jnp.array([1.0, 0.7, 0.2, 0.0])
-        new, _ = sample_time("ode", _condot_velocity, x, ts=ts, solver=solver)
-        np.testing.assert_array_equal(new, old_o.integrate_grid(_condot_velocity, x, ts, method=solver))
-    new, _ = sample_time("euler_maruyama", o.score, x, sde=sde, key=k, num_steps=9)
-    np.testing.assert_array_equal(new, old_s.euler_maruyama_sample(sde, o.score, x, k, num_steps=9))
-    for pred, corr in [("reverse_diffusion", "langevin"), ("euler_maruyama", "none"), ("none", "langevin")]:
-        new, _ = sample_time("pc", o.score, x, sde=sde, key=k, num_steps=30, predictor=pred, corrector=corr)
-        old = old_s.pc_sample(sde, o.score, x, k, num_steps=30, predictor=pred, corrector=corr)
-        np.testing.assert_array_equal(new, old)
-    path = get_path("vp_linear")
-    for eta in (0.0, 0.7):
-        new, _ = sample_time("ddim", o.x0_eps, x, path=path, key=k, num_steps=9, eta=eta)
-        np.testing.assert_array_equal(new, old_s.ddim_sample(o.x0_eps, path, x, num_steps=9, eta=eta, key=k))

@@ -13,16 +13,7 @@ from jax.sharding import PartitionSpec as P
 from research.parallel.sharding import fsdp_spec, make_mesh, tree_shardings
 from research.parallel.distributed import process_batch_slice
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _xla_flags(device_count=None):
-    """The parent's XLA_FLAGS (e.g. `--xla_cpu_max_isa=AVX` under `make test-isa`) without any device
-    count, plus `device_count` simulated devices if given."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    if device_count is not None:
-        flags.append(f"--xla_force_host_platform_device_count={device_count}")
-    return " ".join(flags)
+from tests.subproc import REPO, xla_flags as _xla_flags  # noqa: E402
 
 
 @pytest.mark.parametrize("shape, n, expected", [

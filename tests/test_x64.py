@@ -14,7 +14,8 @@ from research.generative import likelihood as LK
 from research.generative import losses as L
 from research.generative import parameterization as P
 from research.generative._util import normal_logp
-from research.generative.edm import edm_precond, edm_weight, karras_sigmas, make_edm_denoiser
+from research.generative.edm import edm_precond, edm_weight, make_edm_denoiser
+from research.generative.sampling import karras
 from research.generative.ot import linear_assignment, ot_pairing, squared_distances
 from research.generative.paths import PATHS, get_path
 from research.generative.sde import PathSDE, SubVPSDE, VESDE, VPSDE
@@ -140,7 +141,7 @@ def test_timesteps_and_edm_float64(x64):
     assert _all_f64(edm_precond(s)) and edm_weight(s).dtype == F64
     x = jnp.ones((2, 3), F64)
     assert make_edm_denoiser(lambda p, y, c, cond, key: y.astype(jnp.float32), None)(x, s).dtype == F64
-    assert karras_sigmas(4, dtype=F64).dtype == F64
+    assert karras(4, 0.002, 80.0, dtype=F64).dtype == F64
 
 
 def test_likelihood_float64(x64):

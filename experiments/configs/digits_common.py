@@ -36,7 +36,7 @@ def digits_config(*, hidden_size: int, num_steps: int, checkpoint_every: int) ->
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 200
     c.train.weight_decay = 0.01
-    c.train.clip_norm = 1.0
+    c.train.clip_norm = 1.0  # 0: no clipping
     c.train.ema_half_life_images = 20000.0  # 0: no EMA (samples from the raw params)
     c.train.log_every = 100
     c.train.checkpoint_every = checkpoint_every

@@ -56,17 +56,3 @@ def make_edm_denoiser(model_fn, params, cond=None, *, sigma_data: float = 0.5, k
         return bcast(c_skip, x) * x + bcast(c_out, x) * as_float(f, float_dtype(f, x))
 
     return denoiser
-
-
-def karras_sigmas(num_steps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                  dtype=jnp.float32):
-    """EDM's time steps: [sigma_0 = sigma_max, ..., sigma_{N-1} = sigma_min, sigma_N = 0] (N+1 entries)."""
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"karras_sigmas: num_steps must be a positive int, got {num_steps!r}")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"karras_sigmas: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    check_positive(rho, "rho", "karras_sigmas")
-    i = jnp.arange(num_steps, dtype=dtype)
-    denom = max(num_steps - 1, 1)
-    s = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return jnp.concatenate([s, jnp.zeros((1,), dtype)])

@@ -28,8 +28,6 @@ import jax.numpy as jnp
 
 from research.generative._util import as_float, bcast, float_dtype
 
-# The old samplers import ``_bc`` from here: removed once the old samplers are gone.
-_bc = bcast
 
 
 class GaussianPath:

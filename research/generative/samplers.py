@@ -44,22 +44,3 @@ def edm_sample(denoiser: Callable, latents: jax.Array, *, num_steps: int = 18, s
 def edm_nfe(num_steps: int) -> int:
     """Denoiser evaluations of ``edm_sample`` (from the "heun" spec): 2N - 1."""
     return get_spec("heun").nfe(num_steps)
-
-
-# ---- transitional: the pre-registry sampler functions, until the callers (methods.py, reflow.py,
-# experiments/, tests/test_likelihood.py, tests/test_torch_parity.py) move to research.generative.sampling.
-# Loaded lazily from the old modules; delete this block together with sde_samplers.py / solvers.py.
-_LEGACY = {
-    "ddim_sample": "sde_samplers", "euler_maruyama_sample": "sde_samplers", "pc_sample": "sde_samplers",
-    "langevin_correct": "sde_samplers", "pf_ode_velocity": "sde_samplers", "PREDICTORS": "sde_samplers",
-    "CORRECTORS": "sde_samplers", "ode_sample": "solvers", "ode_sample_adaptive": "solvers",
-    "integrate_grid": "solvers", "FIXED_STEP_METHODS": "solvers", "NFE_PER_STEP": "solvers",
-}
-
-
-def __getattr__(name):
-    if name in _LEGACY:
-        import importlib
-
-        return getattr(importlib.import_module(f"research.generative.{_LEGACY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

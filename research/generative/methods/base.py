@@ -147,7 +147,7 @@ class Method(abc.ABC):
             raise ValueError(f"time_grid: unknown grid {grid!r}; expected 'uniform' or 'karras'")
         with jax.ensure_compile_time_eval():
             s_hi, s_lo = (float(self.path.edm_sigma(jnp.asarray(t, dtype))) for t in (t0, t1))
-        sig = sampling.karras(num_steps, s_lo, s_hi, dtype=dtype)[:-1]
+        sig = sampling.karras(num_steps + 1, s_lo, s_hi, dtype=dtype)[:-1]
         ts = jnp.clip(self.path.t_from_edm_sigma(sig), min(t0, t1), max(t0, t1))
         return ts.at[0].set(t0).at[-1].set(t1)
 

@@ -110,30 +110,33 @@ class ScoreSDE(Method):
         return {"sde": self.sde, "path": self.path}
 
 
-@register_method("vp")
 @dataclasses.dataclass(frozen=True)
-class VP(ScoreSDE):
-    """Variance-preserving SDE (DDPM's continuous limit), linear beta."""
+class _LinearBeta(ScoreSDE):
+    """Score SDEs with a linear beta(t) = beta_min + t (beta_max - beta_min); ``sde_class`` picks VP or sub-VP."""
 
     beta_min: float = 0.1
     beta_max: float = 20.0
-    name: ClassVar[str] = "vp"
+    sde_class: ClassVar[type] = VPSDE
 
     def make_sde(self):
-        return VPSDE(self.beta_min, self.beta_max)
+        return self.sde_class(self.beta_min, self.beta_max)
+
+
+@register_method("vp")
+@dataclasses.dataclass(frozen=True)
+class VP(_LinearBeta):
+    """Variance-preserving SDE (DDPM's continuous limit)."""
+
+    name: ClassVar[str] = "vp"
 
 
 @register_method("subvp")
 @dataclasses.dataclass(frozen=True)
-class SubVP(ScoreSDE):
-    """sub-VP SDE (Song et al. 2021), linear beta."""
+class SubVP(_LinearBeta):
+    """sub-VP SDE (Song et al. 2021)."""
 
-    beta_min: float = 0.1
-    beta_max: float = 20.0
     name: ClassVar[str] = "subvp"
-
-    def make_sde(self):
-        return SubVPSDE(self.beta_min, self.beta_max)
+    sde_class: ClassVar[type] = SubVPSDE
 
 
 @register_method("ve")
