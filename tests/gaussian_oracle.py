@@ -102,3 +102,12 @@ def mixture_edm_denoiser(means, stds, weights):
         return jnp.sum(r[..., None] * post, axis=1)
 
     return den
+
+
+def moments_ok(x, mean, var, *, tol_mean=0.05, tol_var=0.1):
+    """Samples ``x [N, D]`` are finite with per-dimension mean within ``tol_mean`` (absolute) and variance
+    within ``tol_var`` (relative) of the targets (N = 2000 draws: sampling error ~0.02 and ~3%)."""
+    x = np.asarray(x, np.float64)
+    assert np.all(np.isfinite(x))
+    np.testing.assert_allclose(x.mean(0), mean, atol=tol_mean)
+    np.testing.assert_allclose(x.var(0), var, rtol=tol_var)

@@ -9,7 +9,7 @@ from research.generative import losses as L
 from research.generative.methods import METHODS, get_method
 from research.generative.parameterization import eps_precond
 from research.generative.sampling import SAMPLERS
-from tests.gaussian_oracle import GaussianOracle
+from tests.gaussian_oracle import GaussianOracle, moments_ok
 from tests.test_pf_ode_mixture import MEANS, STDS, WEIGHTS, check_mixture, mixture_eps_model
 
 MU = np.array([1.0, -0.5], np.float32)
@@ -18,10 +18,7 @@ N = 2000
 
 
 def _moments_ok(x, *, tol_mean=0.05, tol_var=0.12):
-    x = np.asarray(x, np.float64)
-    assert np.all(np.isfinite(x))
-    np.testing.assert_allclose(x.mean(0), MU, atol=tol_mean)
-    np.testing.assert_allclose(x.var(0), S0 ** 2, rtol=tol_var)
+    moments_ok(x, MU, S0 ** 2, tol_mean=tol_mean, tol_var=tol_var)
 
 
 def _exact_model(m):

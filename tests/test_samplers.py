@@ -10,7 +10,7 @@ from research.generative.guidance import guided, guided_denoiser, guided_model_f
 from research.generative.paths import get_path
 from research.generative.samplers import edm_nfe, edm_sample
 from research.generative.sampling import SAMPLERS, karras, sample, sample_time
-from tests.gaussian_oracle import GaussianOracle, gaussian_edm_denoiser
+from tests.gaussian_oracle import moments_ok, GaussianOracle, gaussian_edm_denoiser
 
 MU = np.array([1.0, -0.5], np.float32)
 S0 = 0.5
@@ -23,11 +23,7 @@ def z():
     return jax.random.normal(jax.random.PRNGKey(0), (N, 2), jnp.float32)
 
 
-def _moments_ok(x, mean, var, *, tol_mean=0.05, tol_var=0.1):
-    x = np.asarray(x, np.float64)
-    assert np.all(np.isfinite(x))
-    np.testing.assert_allclose(x.mean(0), mean, atol=tol_mean)
-    np.testing.assert_allclose(x.var(0), var, rtol=tol_var)
+_moments_ok = moments_ok
 
 
 # ----------------------------------------------------------------------------- edm_sample

@@ -8,7 +8,7 @@ from research.generative._util import bcast
 from research.generative.paths import get_path
 from research.generative.sampling import langevin_correct, pf_ode_velocity, sample_time
 from research.generative.sde import SubVPSDE, VESDE, VPSDE
-from tests.gaussian_oracle import GaussianOracle
+from tests.gaussian_oracle import moments_ok, GaussianOracle
 
 MU = np.array([1.0, -0.5], np.float32)
 S0 = 0.5
@@ -22,11 +22,7 @@ def z():
     return jax.random.normal(jax.random.PRNGKey(0), (N, 2), jnp.float32)
 
 
-def _moments_ok(x, mean, var, *, tol_mean=0.05, tol_var=0.1):
-    x = np.asarray(x, np.float64)
-    assert np.all(np.isfinite(x))
-    np.testing.assert_allclose(x.mean(0), mean, atol=tol_mean)
-    np.testing.assert_allclose(x.var(0), var, rtol=tol_var)
+_moments_ok = moments_ok
 
 
 def _condot_velocity(x, t):
