@@ -18,6 +18,8 @@ import ml_collections
 
 from research.data.toy import TOY_DISTRIBUTIONS
 from research.generative.methods import METHODS
+from research.generative.methods.score_sde import PRECONDS
+from research.generative.timesteps import TIMESTEP_DISTS
 from research.runs.config import check, check_choice, check_positive, check_range
 
 DEFAULT_METHODS = ("vp", "subvp", "ve", "edm", "rf", "icfm", "otcfm")
@@ -82,8 +84,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         check(m in METHODS, f"methods: unknown method {m!r}; registered: {sorted(METHODS)}")
     for d in c.datasets.split(","):
         check(d in TOY_DISTRIBUTIONS, f"datasets: unknown dataset {d!r}; expected some of {sorted(TOY_DISTRIBUTIONS)}")
-    check_choice(c, "method.sde_precond", ["edm", "none"])
-    check_choice(c, "method.rf_timestep_dist", ["uniform", "logit_normal", "cosmap"])
+    check_choice(c, "method.sde_precond", PRECONDS)
+    check_choice(c, "method.rf_timestep_dist", TIMESTEP_DISTS)
     check_choice(c, "eval.sde_grid", ["uniform", "karras"])
     check_range(c, "train.ema_decay", 0.0, 0.999999)
     check(c.train.warmup_steps < c.train.num_steps,

@@ -60,6 +60,7 @@ def digits_config(*, hidden_size: int, num_steps: int, checkpoint_every: int) ->
 def validate_digits(c: ml_collections.ConfigDict) -> None:
     """Checks shared by both digits configs (model, optimiser, sampler names against the registries)."""
     from research.generative.sampling import SAMPLERS
+    from research.generative.sampling.ode import ODE_SOLVERS
     from research.runs.config import check, check_choice, check_positive, check_range
 
     check_positive(c, "model.patch_size", "model.hidden_size", "model.depth", "model.num_heads",
@@ -79,7 +80,7 @@ def validate_digits(c: ml_collections.ConfigDict) -> None:
     check(c.train.warmup_steps < c.train.num_steps,
           f"train.warmup_steps ({c.train.warmup_steps}) must be < train.num_steps ({c.train.num_steps})")
     check_choice(c, "sample.sampler", sorted(SAMPLERS))
-    check_choice(c, "sample.solver", ["euler", "heun", "rk4"])
+    check_choice(c, "sample.solver", sorted(ODE_SOLVERS))
     if c.model.remat_policy != "none":
         from research.nn.remat import remat_policy
 

@@ -16,6 +16,7 @@ A rerun with the same run_dir resumes from its latest checkpoint (delete the fol
 import ml_collections
 
 from experiments.configs.digits_common import check_sampler_fits, digits_config, validate_digits
+from research.generative.timesteps import TIMESTEP_DISTS
 from research.runs.config import check, check_choice, check_positive
 
 
@@ -35,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
 def validate(c: ml_collections.ConfigDict) -> None:
     validate_digits(c)
     check_positive(c, "train.stop_at_step", allow_zero=True)
-    check_choice(c, "train.timestep_dist", ["uniform", "logit_normal", "cosmap"])
+    check_choice(c, "train.timestep_dist", TIMESTEP_DISTS)
     check_positive(c, "train.timestep_scale")
     check(c.train.stop_at_step <= c.train.num_steps,
           f"train.stop_at_step ({c.train.stop_at_step}) must be <= train.num_steps ({c.train.num_steps})")

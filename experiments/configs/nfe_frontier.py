@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     from research.generative.sampling import SAMPLERS
+    from research.generative.sampling.ode import ODE_SOLVERS
 
     check_positive(c, "per_class")
     for b in c.budgets.split(","):
@@ -45,7 +46,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         name = s.split(":")[0]
         check(name in SAMPLERS, f"samplers: unknown sampler {name!r}; registered: {sorted(SAMPLERS)}")
         if name == "ode":
-            check(s.split(":")[1:] and s.split(":")[1] in ("euler", "heun", "rk4"),
-                  f"samplers: {s!r} must be ode:euler, ode:heun or ode:rk4")
+            check(s.split(":")[1:] and s.split(":")[1] in ODE_SOLVERS,
+                  f"samplers: {s!r} must be ode:<solver> with a solver in {sorted(ODE_SOLVERS)}")
     for r in c.runs.split(","):
         check(":" in r, f"runs: expected label:run_dir pairs, got {r!r}")
