@@ -169,3 +169,39 @@ def test_save_config_roundtrip(cfg_path, tmp_path):
     # the saved values reload into an equal ConfigDict
     assert ml_collections.ConfigDict(data).to_dict() == {**cfg.to_dict(), "model": {**cfg.model.to_dict(),
                                                                                      "channels": [1, 2]}}
+
+
+@pytest.mark.parametrize("path, override, needle", [
+    ("experiments/configs/digits_sde.py", "method=edm,sample.sampler=euler_maruyama", "needs a score SDE"),
+    ("experiments/configs/digits_sde.py", "eval.bpd_rtol=0.0", "eval.bpd_rtol"),
+    ("experiments/configs/digits_sde.py", "sde.sigma_data=-1.0", "sde.sigma_data"),
+    ("experiments/configs/digits_sde.py", "model.class_dropout_prob=1.5", "model.class_dropout_prob"),
+    ("experiments/configs/digits_sde.py", "method=ddpm", "method"),
+    ("experiments/configs/digits_rf.py", "sample.sampler=dpmpp_9m", "sample.sampler"),
+    ("experiments/configs/digits_rf.py", "sample.sampler=ddim", "needs a score SDE"),
+    ("experiments/configs/digits_rf.py", "resume=sometimes", "resume"),
+    ("experiments/configs/bench_2d.py", "methods=vp,ddpm", "ddpm"),
+    ("experiments/configs/bench_2d.py", "datasets=mnist", "mnist"),
+    ("experiments/configs/bench_2d.py", "train.warmup_steps=5000", "warmup_steps"),
+    ("experiments/configs/packed_lm.py", "mode=zipped", "mode"),
+    ("experiments/configs/packed_lm.py", "model.heads=3", "model.heads"),
+    ("experiments/configs/nfe_frontier.py", "samplers=heun,ode:midpoint", "ode:midpoint"),
+    ("experiments/configs/nfe_frontier.py", "budgets=5,x", "budgets"),
+])
+def test_experiment_configs_reject_bad_values_before_anything_is_built(path, override, needle):
+    """Issue 17 item 5: each config's validate rejects these in one ValueError (no arrays built)."""
+    from research.runs.config import load_config
+
+    with pytest.raises(ValueError, match="invalid config") as e:
+        load_config(path, override.split(",") if "sampler=" in override and "method=" in override else [override])
+    assert needle in str(e.value)
+
+
+def test_config_presets():
+    from research.runs.config import load_config
+
+    assert load_config("experiments/configs/bench_2d.py:quick").train.num_steps == 60
+    with pytest.raises(ValueError, match="no preset 'huge'"):
+        load_config("experiments/configs/bench_2d.py:huge")
+    with pytest.raises(ValueError, match="no preset"):
+        load_config("experiments/configs/digits_rf.py:quick")
