@@ -175,6 +175,10 @@ def test_two_bad_steps_fall_back_twice_and_none_intact_is_one_line(written, tmp_
     _flip(_largest_data_file(ck_dir / "3"))
     os.remove(ck_dir / "2" / "digest.json")
     _restore_falls_back(ck_dir, saved, want_step=1)
+    # the two corrupt steps newer than the restored one were moved aside (kept, not deleted), so a resumed
+    # run writes them afresh
+    moved = sorted(n.split("-")[0] for n in os.listdir(f"{ck_dir}.corrupt"))
+    assert moved == ["2", "3"] and not (ck_dir / "2").exists() and not (ck_dir / "3").exists()
     _truncate(_largest_data_file(ck_dir / "1"))
     ck = Checkpointer(ck_dir, save_every=1, config=CONFIG)
     with pytest.warns(UserWarning):
@@ -182,7 +186,7 @@ def test_two_bad_steps_fall_back_twice_and_none_intact_is_one_line(written, tmp_
             ck.restore_latest(_template())
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"no intact checkpoint in {ck_dir}")
-    assert all(f"step {s}:" in msg for s in (1, 2, 3))
+    assert "step 1:" in msg
 
 
 def test_interrupted_save_is_detected(written, tmp_path):
