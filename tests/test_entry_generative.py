@@ -55,12 +55,3 @@ def test_nfe_frontier_tiny(tmp_path):
     for f in ("results.json", "results.md", "frontier.png"):
         assert os.path.exists(tmp_path / "frontier" / f)
 
-
-def test_train_packed_lm_tiny(tmp_path):
-    from experiments import train_packed_lm
-
-    s = train_packed_lm.main(["--set", f"run_dir={tmp_path}", "--set", "steps=4", "--set", "log_every=2",
-                              "--set", "model.width=32", "--set", "model.depth=1", "--set", "row_length=64"])
-    assert s["efficiency"] > 0.9 and np.isfinite(s["final_loss"])
-    for f in ("summary.json", "metrics.jsonl", "curves.png", "config.json"):
-        assert os.path.exists(tmp_path / f)

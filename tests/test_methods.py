@@ -173,3 +173,20 @@ def test_log_likelihood_of_gaussian_data_is_exact(name):
     expect = log_marginal(x, t_data) + np.asarray(m.prior_logp(jnp.asarray(z))) - log_marginal(z, t_prior)
     # tolerance: the adaptive solve at rtol = atol = 1e-6 over ~1e2 steps, in float32 (~1e-4 nats here)
     np.testing.assert_allclose(np.asarray(logp), expect, rtol=0, atol=2e-3)
+
+
+def test_flow_shift_schedule_is_sd3s():
+    """'shift' = SD3's t' = 3t / (1 + 2t) of a uniform grid: sigma = t' / (1 - t') in sigma space, t' in time."""
+    m = get_method("rf")
+    u = np.linspace(m.t_max, 0.0, 6)
+    t = 3 * u / (1 + 2 * u)
+    # float32: 1 - t' cancels near t' = 1 (t' = 0.99967), relative error ~ 2^-24 / (1 - t') ~ 2e-4 there
+    np.testing.assert_allclose(np.asarray(m.sigmas(5, "shift"))[:-1], (t / (1 - t))[:-1], rtol=5e-4)
+    assert float(m.sigmas(5, "shift")[-1]) == 0.0
+    u = np.linspace(1.0, 0.0, 6)
+    np.testing.assert_allclose(np.asarray(m.time_grid(5, "shift:2.0")), 2 * u / (1 + u), rtol=1e-6)
+    x, nfe = m.sample(_exact_model(m), None, jax.random.key(2), (N, 2), sampler="dpmpp_2m", num_steps=32,
+                      schedule="shift")
+    _moments_ok(x)
+    with pytest.raises(ValueError, match="shift:<number>"):
+        m.sigmas(4, "shift:x")

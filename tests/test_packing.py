@@ -243,10 +243,16 @@ def test_packed_loss_is_token_weighted_mean(params):
 
 @pytest.mark.entry
 @pytest.mark.parametrize("mode", ["packed", "padded"])
-def test_train_packed_lm_smoke(mode):
+def test_train_packed_lm_smoke(mode, tmp_path):
+    """The packed-LM experiment (config file -> validate -> run -> shared loop) on tiny sizes."""
+    import os
+
     from experiments import train_packed_lm
 
-    out = train_packed_lm.main(["--mode", mode, "--steps", "2", "--width", "16", "--depth", "1",
-                                "--rows-per-step", "2", "--row-length", "64"])
+    out = train_packed_lm.main(["--set", f"mode={mode}", "--set", "steps=4", "--set", "log_every=2",
+                                "--set", "model.width=16", "--set", "model.depth=1", "--set", "rows_per_step=2",
+                                "--set", "row_length=64", "--set", f"run_dir={tmp_path}"])
     assert np.isfinite(out["final_loss"])
     assert (out["efficiency"] > 0.9) if mode == "packed" else (out["efficiency"] < 0.9)
+    for f in ("summary.json", "metrics.jsonl", "curves.png", "config.json"):
+        assert os.path.exists(tmp_path / f)

@@ -76,6 +76,7 @@ class Method(abc.ABC):
     name: ClassVar[str] = "abstract"
     time: ClassVar[str] = "t"
     view_names: ClassVar[tuple[str, ...]] = ("velocity_fn",)  # what ``views`` returns
+    default_time_grid: ClassVar[str] = "uniform"  # grid of the time-space samplers when none is given
     path: GaussianPath
 
     @classmethod
@@ -158,7 +159,7 @@ class Method(abc.ABC):
 
         Sigma-space samplers (``euler``, ``heun``, ``dpmpp_2m``, ``unipc``, ...) run on the EDM view
         over ``self.sigmas(num_steps, schedule or "karras")``; time-space samplers run on the
-        method's own views over ``self.time_grid(num_steps, schedule or "uniform")``.
+        method's own views over ``self.time_grid(num_steps, schedule or self.default_time_grid)``.
         ``options`` go to the sampler (e.g. ``s_churn=``, ``eta=``, ``solver=``).
         """
         spec = sampling.get_spec(sampler)
@@ -174,7 +175,7 @@ class Method(abc.ABC):
             t0, t1 = self.t_interval
             return self.sample_time(sampler, model_fn, params, x_t, key=k_run, cond=cond, t_start=t0, t_end=t1,
                                     **options)
-        ts = self.time_grid(num_steps, schedule or "uniform", dtype=x_t.dtype)
+        ts = self.time_grid(num_steps, schedule or self.default_time_grid, dtype=x_t.dtype)
         return self.sample_time(sampler, model_fn, params, x_t, ts=ts, key=k_run, cond=cond, **options)
 
     def views(self, model_fn: Callable, params, cond=None) -> dict:

@@ -15,6 +15,7 @@ import dataclasses
 from typing import ClassVar
 
 from research.generative import losses as L
+from research.generative import sampling
 from research.generative.methods.base import Method, register_method
 from research.generative.paths import RectifiedFlowPath
 from research.generative.timesteps import TIMESTEP_DISTS
@@ -45,6 +46,33 @@ class _Flow(Method):
     def sigma_range(self):
         lo, hi = self.t_min_sample, self.t_max
         return lo / (1.0 - lo), hi / (1.0 - hi)
+
+    def sigmas(self, num_steps: int, schedule: str = "karras", **kw):
+        """Also ``schedule="shift"`` (or ``"shift:<s>"``): SD3's time shift of a uniform t grid from ``t_max``,
+        shift 3.0 by default (``sampling.flow_sigmas``)."""
+        shift = _shift_of(schedule)
+        if shift is None:
+            return super().sigmas(num_steps, schedule, **kw)
+        return sampling.flow_sigmas(num_steps, shift=shift, t_max=self.t_max, **kw)
+
+    def time_grid(self, num_steps: int, grid: str = "uniform", dtype=None):
+        """Also ``grid="shift"`` / ``"shift:<s>"``: the shifted uniform grid from t = 1 to 0."""
+        shift = _shift_of(grid)
+        if shift is None:
+            return super().time_grid(num_steps, grid, **({} if dtype is None else {"dtype": dtype}))
+        return sampling.shift_time(sampling.uniform_time(num_steps, 1.0, 0.0, dtype=dtype), shift)
+
+
+def _shift_of(schedule: str):
+    """3.0 for "shift", s for "shift:<s>", None for any other schedule name."""
+    if schedule == "shift":
+        return 3.0
+    if schedule.startswith("shift:"):
+        try:
+            return float(schedule.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"schedule {schedule!r}: expected shift:<number>") from None
+    return None
 
 
 @register_method("rf")
