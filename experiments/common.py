@@ -260,10 +260,11 @@ def train_digits(run_dir: str, log: logging.Logger, cfg, *, method, model_fn, pa
 
 def train_resumable(run_dir: str, log: logging.Logger, state, step_fn, arrays: dict, key, ckpt, *,
                     num_steps: int, batch_size: int, log_every: int, progress: bool, tensorboard: bool = False,
-                    num_classes: int | None = None, label_key: str = "label"):
+                    num_classes: int | None = None, label_key: str = "label", eval_fn=None, eval_every=None):
     """Trains to ``num_steps`` with the opened checkpointer ``ckpt`` (see ``open_run``); the data iterator
     skips to the restored step, so a resumed run is bit-identical. Writes ``metrics.jsonl`` and
-    ``curves.png``. Returns ``(state, start_step, train_time_s, final_loss)``."""
+    ``curves.png``; ``eval_fn(state, step) -> dict`` is logged under ``eval/`` every ``eval_every`` steps.
+    Returns ``(state, start_step, train_time_s, final_loss)``."""
     from research.data.iterators import batch_iterator
     from research.runs.metrics import MetricsLogger, plot_curves, read_metrics
     from research.train.loop import train_loop
@@ -276,7 +277,7 @@ def train_resumable(run_dir: str, log: logging.Logger, state, step_fn, arrays: d
             state, step_fn, lambda s: batch_iterator(arrays, batch_size, key=key, start_step=s,
                                                      num_classes=num_classes, label_key=label_key),
             num_steps=num_steps, run_dir=run_dir, checkpointer=ckpt, log_every=log_every, logger=logger,
-            progress=progress)
+            progress=progress, eval_fn=eval_fn, eval_every=eval_every)
     finally:
         logger.close()
         ckpt.close()

@@ -52,17 +52,20 @@ def _normalize_segment_ids(segment_ids, B, Tq, Tk):
     return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
 
-def check_attention_args(q, k, v, segment_ids=None, sm_scale=None):
+def check_attention_args(q, k, v, segment_ids=None, sm_scale=None, *, allow_float64=False):
     """Validates shapes/dtypes; returns ``(B, Tq, Tk, Hq, Hkv, D, sm_scale, segs)``.
 
-    ``segs`` is ``None`` or the normalised pair ``(q_seg, kv_seg)``.
+    ``segs`` is ``None`` or the normalised pair ``(q_seg, kv_seg)``. float64 inputs are accepted
+    only with ``allow_float64`` (the plain-JAX reference; the kernels have no float64 path).
     """
+    dtypes = _FLOAT_DTYPES + ((jnp.float64,) if allow_float64 else ())
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape "
                              f"{getattr(x, 'shape', None)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+        if x.dtype not in dtypes:
+            raise TypeError(f"{name} must be {'float64, ' if allow_float64 else ''}float32, bfloat16 or "
+                            f"float16, got {x.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, Tq, Hq, D = q.shape
@@ -124,14 +127,17 @@ def reference_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=Non
       sm_scale: score scale, default ``1/sqrt(D)``.
 
     Returns:
-      ``o [B, Tq, Hq, D]`` in ``q.dtype``. Rows with no visible key are zeros.
+      ``o [B, Tq, Hq, D]`` in ``q.dtype``. Rows with no visible key are zeros. Statistics and
+      accumulation in float32 (float64 for float64 inputs).
     """
-    B, Tq, Tk, Hq, Hkv, D, sm_scale, segs = check_attention_args(q, k, v, segment_ids, sm_scale)
+    B, Tq, Tk, Hq, Hkv, D, sm_scale, segs = check_attention_args(q, k, v, segment_ids, sm_scale,
+                                                                 allow_float64=True)
     G = Hq // Hkv
-    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    precision = jax.lax.Precision.HIGHEST if q.dtype in (jnp.float32, jnp.float64) else None
     qg = q.reshape(B, Tq, Hkv, G, D)
     # scores [B, Hkv, G, Tq, Tk] in float32
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32,
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc,
                    precision=precision) * sm_scale
     mask = attention_mask(Tq, Tk, causal=causal, segs=segs)
     if mask is not None:
@@ -140,8 +146,8 @@ def reference_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=Non
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # fully masked rows: exp(-inf - 0) = 0
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)  # [B, Hkv, G, Tq, 1]
-    o = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype) if v.dtype != jnp.float32 else p, v,
-                   preferred_element_type=jnp.float32, precision=precision)
+    o = jnp.einsum("bhgqk,bkhd->bhgqd", p if v.dtype == acc else p.astype(v.dtype), v,
+                   preferred_element_type=acc, precision=precision)
     o = o / jnp.where(l == 0.0, 1.0, l)
     o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, Tq, Hq, D)
     return o.astype(q.dtype)
