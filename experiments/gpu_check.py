@@ -18,6 +18,11 @@ the result files in ``DIR``:
 * ``merge-train FILES``: the DiT train-step records of ``bench_train_step.py`` -> one
   ``train_step.json``.
 * ``summary``: the short tables of everything above (and ``steps.tsv``) -> ``summary.md``.
+
+The LM kernels (``decode_attention``, ``linear_attention``: correctness and timings) have their
+own parts in :mod:`experiments.gpu_check_lm` -> ``lm_kernels.jsonl``, tabulated here too.
+``steps.tsv`` is removed from ``DIR`` by ``gpu_check.sh`` once ``summary.md`` holds its table
+(appended to ``log.txt``): the device tool returns at most 8 files.
 """
 from __future__ import annotations
 
@@ -37,8 +42,8 @@ if __package__ in (None, ""):  # `python experiments/gpu_check.py` from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FILES = {"device": "device.json", "correctness": "correctness.jsonl", "ptxas": "ptxas.txt",
-         "attention": "attention.jsonl", "train": "train_step.json", "steps": "steps.tsv",
-         "log": "log.txt", "summary": "summary.md"}
+         "attention": "attention.jsonl", "lm": "lm_kernels.jsonl", "train": "train_step.json",
+         "steps": "steps.tsv", "log": "log.txt", "summary": "summary.md"}   # steps.tsv: see above
 
 # name -> (GPU shape, CPU-smoke shape, causal, dtype, schedule); shapes (B, Tq, Tk, Hq, Hkv, D).
 # schedule None: flash_attention's Mosaic forward + backward with the table's schedule; else that
@@ -403,6 +408,9 @@ def summarize(out: Path) -> str:
         pct = 100 * r["fwd_tflops"] / mm if r.get("fwd_tflops") and mm else None
         lines.append(f"| {r['impl']} | {r['T']} | {r['causal']} | {_f(r.get('fwd_tflops'))} | "
                      f"{_f(r.get('fwd_bwd_tflops'))} | {_f(pct)} | {r.get('skipped', '')[:80]} |")
+    from experiments.gpu_check_lm import summary_lines   # LM kernels: correctness + benches
+    lines += summary_lines(_read_jsonl(out / FILES["lm"]),
+                           c.get("torch_copy", {}).get("gbps_read_plus_write"))
     train = json.loads((out / FILES["train"]).read_text()) if (out / FILES["train"]).is_file() else []
     lines += ["", "| train step | impl | steps/s | ms/step | TFLOP/s | MFU (989) | MFU (measured "
               "matmul) |", "|---|---|---|---|---|---|---|"]

@@ -1,5 +1,6 @@
-"""experiments/gpu_check.sh: the CPU smoke run writes every result file, complete; the deadline
-skips steps; the ptxas collector reads a Mosaic GPU dump."""
+"""experiments/gpu_check.sh: the CPU smoke run writes every result file, complete (the LM-kernel
+parts of experiments/gpu_check_lm.py included), and at most 8 files; the deadline skips steps;
+the ptxas collector reads a Mosaic GPU dump; the LM summary tables."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import gpu_check
+from experiments import gpu_check, gpu_check_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "gpu_check.sh"
@@ -24,7 +25,12 @@ def _run(out, *args, env=None, timeout=300):
 
 
 def _steps(out):
-    rows = [ln.split("\t") for ln in (out / "steps.tsv").read_text().splitlines()]
+    """The steps table: moved from steps.tsv to the end of log.txt once summary.md is written."""
+    assert not (out / "steps.tsv").exists()
+    marker = "===== steps.tsv (step, status, seconds)\n"
+    text = (out / "log.txt").read_text()
+    assert marker in text
+    rows = [ln.split("\t") for ln in text.split(marker)[-1].splitlines()]
     return {name: status for name, status, _ in rows}
 
 
@@ -65,11 +71,13 @@ def test_cpu_smoke_writes_complete_results(tmp_path):
     assert wall < 200, wall   # 165 s deadline + the summary; < 3 min when nothing is cut
 
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == sorted(gpu_check.FILES.values()), files       # the 8 files, no folders
+    returned = sorted(f for k, f in gpu_check.FILES.items() if k != "steps")
+    assert files == returned and len(files) == 8, files      # the 8 files, no folders
 
     steps = _steps(tmp_path)
     assert not [n for n, s in steps.items() if s.startswith("failed")], steps
-    for name in ("device", "ptxas", "summary", "train jax,torch_eager"):
+    for name in ("device", "ptxas", "summary", "train jax,torch_eager", "lm decode-correct",
+                 "lm linear-correct", "lm decode-bench", "lm linear-bench"):
         assert steps[name] == "ok", (name, steps)
 
     dev = json.loads((tmp_path / "device.json").read_text())
@@ -107,9 +115,66 @@ def test_cpu_smoke_writes_complete_results(tmp_path):
     # torch.compile's first C++ build can take ~100 s on 2 cores: done, or cut by its limit
     assert "torch_compile" in got or steps["train torch_compile"].startswith(("timeout", "skipped"))
 
+    lm = gpu_check._read_jsonl(tmp_path / "lm_kernels.jsonl")
+    dec = {(r["case"], r["dtype"]): r for r in lm if r["part"] == "decode-correct"}
+    assert set(dec) == {(c, d) for c in gpu_check_lm.DECODE_CASES for d in gpu_check_lm.DTYPES}
+    for rec in dec.values():
+        assert rec["passed"] and rec["finite"] and rec["interpret"], rec
+        assert rec["max_rel_err"] < gpu_check_lm.TOL[rec["dtype"]]
+    split1 = dec["splits1-vs-auto", "float32"]
+    assert split1["num_splits"] == 1 and split1["auto_num_splits"] > 1, split1
+    assert set(split1["rel_err"]) == {"o", "o_auto"} and split1["splits1_vs_auto_rel"] < 1e-5
+    assert dec["tree-mqa", "bfloat16"]["tree_mask"] and dec["tree-mqa", "bfloat16"]["Hkv"] == 1
+    lin = {(r["case"], r["dtype"]): r for r in lm if r["part"] == "linear-correct"}
+    assert set(lin) == {(c, d) for c in ("causal", "noncausal") for d in gpu_check_lm.DTYPES}
+    for rec in lin.values():
+        assert rec["passed"] and set(rec["rel_err"]) == {"o", "dq", "dk", "dv"}, rec
+    dbench = {r["impl"]: r for r in lm if r["part"] == "decode-bench"}
+    assert set(dbench) == {"pallas", "reference", "xla"}
+    for rec in dbench.values():
+        assert rec["ms"] > 0 and rec["gbps"] > 0 and rec["rel_err"] < 3e-2, rec
+    lbench = {r["impl"]: r for r in lm if r["part"] == "linear-bench"}
+    assert set(lbench) == {"pallas", "chunked", "quadratic"}
+    for rec in lbench.values():
+        assert rec["fwd_ms"] > 0 and rec["fwd_bwd_ms"] > 0, rec
+
     summary = (tmp_path / "summary.md").read_text()
-    for part in ("ceilings:", "correctness case", "fwd TFLOP/s", "train step", "| device | ok"):
+    for part in ("ceilings:", "correctness case", "fwd TFLOP/s", "train step", "| device | ok",
+                 "| decode-correct | tree-mqa | float32 |", "| linear-correct | noncausal |",
+                 "| decode | pallas | 2 |", "| linear | quadratic |", "| lm linear-bench | ok"):
         assert part in summary, part
     assert summary in r.stdout
     log = (tmp_path / "log.txt").read_text()
-    assert "===== device" in log and "===== summary" in log
+    assert "===== device" in log and "===== summary" in log and "===== lm decode-correct" in log
+
+
+def test_lm_summary_tables_report_failures():
+    recs = [
+        {"part": "decode-correct", "case": "ragged-gqa", "dtype": "float32", "passed": False,
+         "max_rel_err": 4e-4, "tol": 1e-4, "num_splits": 2, "block_k": 64,
+         "note": "float32 error in the TF32 range"},
+        {"part": "linear-correct", "case": "causal", "dtype": "bfloat16", "passed": False,
+         "error": "LoweringError: boom"},
+        {"part": "decode-bench", "impl": "pallas", "B": 8, "S": 8192, "ms": 0.1, "gbps": 2000.0,
+         "num_splits": 2},
+        {"part": "decode-bench", "impl": "xla", "B": 8, "S": 8192, "ms": None, "gbps": None,
+         "error": "XlaRuntimeError: oom"},
+        {"part": "linear-bench", "impl": "quadratic", "B": 4, "T": 4096, "H": 8, "D": 64,
+         "causal": True, "fwd_ms": None, "fwd_bwd_ms": None, "skipped": "too big"},
+    ]
+    text = "\n".join(gpu_check_lm.summary_lines(recs, copy_gbps=4000.0))
+    assert "| decode-correct | ragged-gqa | float32 | 4.00e-04 | 0.0001 | False |" in text
+    assert "TF32 range" in text and "LoweringError: boom" in text
+    assert "| decode | pallas | 8 | 8192 | 0.1000 | 2000 | 50 | splits 2 |" in text
+    assert "XlaRuntimeError: oom" in text and "| too big |" in text
+
+
+def test_lm_judge_flags_tf32_and_nan():
+    rec = {}
+    assert not gpu_check_lm._judge(rec, {"o": 3e-4}, True, "float32")
+    assert "TF32" in rec["note"]
+    rec = {}
+    assert not gpu_check_lm._judge(rec, {"o": 1e-6}, False, "bfloat16") and "note" not in rec
+    rec = {}
+    assert gpu_check_lm._judge(rec, {"o": 1e-2, "dq": 2e-2}, True, "bfloat16")
+    assert rec["max_rel_err"] == 2e-2 and rec["tol"] == 3e-2

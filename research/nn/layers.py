@@ -91,7 +91,8 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation over the last axis with a learnt scale (init 1); statistics in float32."""
+    """RMS normalisation over the last axis with a learnt scale (init 1); statistics in float32
+    (float64 for float64 inputs)."""
 
     eps: float = 1e-6
     dtype: Any = jnp.float32
@@ -100,9 +101,10 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        ft = jnp.promote_types(x.dtype, jnp.float32)
+        xf = x.astype(ft)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(ft)).astype(self.dtype)
 
 
 class Mlp(nn.Module):
