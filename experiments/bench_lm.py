@@ -11,7 +11,8 @@ Rows (one record each):
   the forward + loss. The step-0 losses of the three agree (recorded as ``loss0``).
 * ``decode``: generated tokens/s (``batch * new_tokens / time``) of greedy generation from a prompt
   of ``prompt`` tokens, at batch 1 and 8. ``jax``: ``research.lm.decode.generate`` (one jitted
-  program). ``hf_dynamic``: ``model.generate`` with the default dynamic cache.
+  program); ``jax_linear``: the same with ``attention="linear"`` (recurrent state instead of a KV
+  cache; its own random weights). ``hf_dynamic``: ``model.generate`` with the default dynamic cache.
   ``hf_static_compile``: ``cache_implementation="static"`` with HF's own torch.compile of the
   decode step (``CompileConfig(mode="default")``, enabled on CPU); a failure is recorded as the
   row's ``error``, never skipped.
@@ -45,7 +46,7 @@ if __package__ in (None, ""):  # `python experiments/bench_lm.py` from the repos
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TRAIN_IMPLS = ("jax", "torch_eager", "torch_compile")
-DECODE_IMPLS = ("jax", "hf_dynamic", "hf_static_compile")
+DECODE_IMPLS = ("jax", "jax_linear", "hf_dynamic", "hf_static_compile")
 MODELS = {
     "quick": dict(vocab_size=64, dim=32, depth=2, num_heads=4, num_kv_heads=2, mlp_hidden=64, max_len=64),
     "default": dict(vocab_size=512, dim=256, depth=4, num_heads=8, num_kv_heads=4, mlp_hidden=688, max_len=256),
@@ -144,11 +145,16 @@ def build_decode(impl, params, cfg, prompts_np, new):
 
     b, p = prompts_np.shape
     info = {}
-    if impl == "jax":
+    if impl in ("jax", "jax_linear"):
         import jax
         import jax.numpy as jnp
 
+        from research.lm import init_params
         from research.lm.decode import generate
+
+        if impl == "jax_linear":  # the same shapes with linear attention (O(1) state, no KV cache)
+            cfg = cfg.replace(attention="linear", num_kv_heads=cfg.num_heads)
+            params = init_params(cfg, jax.random.key(1))
 
         prompts, lengths = jnp.asarray(prompts_np, jnp.int32), jnp.full((b,), p, jnp.int32)
         run = lambda: generate(params, cfg, prompts, lengths, max_new_tokens=new,  # noqa: E731
@@ -237,7 +243,13 @@ def run(args, log=lambda m: print(m, file=sys.stderr, flush=True)) -> list[dict]
     size = "quick" if args.quick else "default"
     cfg = LMConfig(**MODELS[size], rope_theta=10000.0, init_std=0.02)
     params = init_params(cfg, jax.random.key(args.seed))
-    shapes = SHAPES[size]
+    shapes = dict(SHAPES[size])
+    if args.prompt:
+        shapes["prompt"] = args.prompt
+    if args.new:
+        shapes["new"] = args.new
+    if shapes["prompt"] + shapes["new"] > cfg.max_len:
+        cfg = cfg.replace(max_len=shapes["prompt"] + shapes["new"])
     rng = np.random.default_rng(args.seed)
     common = dict(model=MODELS[size], cores=cores, os_cpu_count=os.cpu_count(),
                   torch_threads=torch.get_num_threads(), jax=jax.__version__, torch=torch.__version__,
@@ -294,6 +306,8 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads (default: the cores XLA uses, for equal threads)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", type=int, default=None, help="decode prompt length (default 16; --quick 4)")
+    p.add_argument("--new", type=int, default=None, help="decode new tokens (default 64; --quick 8)")
     args = p.parse_args(argv)
     args.kinds = tuple(k for k in args.kinds.split(",") if k)
     args.train_impls = tuple(k for k in args.train_impls.split(",") if k)

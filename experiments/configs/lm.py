@@ -1,9 +1,9 @@
-"""Decoder-only LM (Llama architecture) on the Python help topics (``pydoc_data``), byte-level.
+"""Decoder-only LM (Llama architecture) on the Python help topics (``pydoc_data``).
 
 Commands:
-    python -m experiments.train_lm --config experiments/configs/lm.py
-    python -m experiments.train_lm --config experiments/configs/lm.py:linear      # linear attention
-    python -m experiments.train_lm --config experiments/configs/lm.py:bpe         # BPE tokenizer (1024)
+    python -m experiments.train_lm --config experiments/configs/lm.py              # BPE (1024)
+    python -m experiments.train_lm --config experiments/configs/lm.py:linear       # linear attention
+    python -m experiments.train_lm --config experiments/configs/lm.py:byte         # byte-level
     # overrides: --set train.num_steps=200 --set model.dim=128 --set run_dir=runs/x
 
 Data: the 79 topics of ``pydoc_data.topics`` (ships with CPython), split by topic (seed 0: 71
@@ -22,7 +22,7 @@ from research.nn.attention import IMPLS
 from research.runs.config import check, check_choice, check_positive
 
 
-PRESETS = ("linear", "bpe", "smoke")
+PRESETS = ("linear", "byte", "smoke")
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -36,7 +36,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.data.corpus = "pydoc"
     c.data.val_fraction = 0.1
     c.data.split_seed = 0
-    c.data.tokenizer = "byte"  # "byte" (258 ids) | "bpe" (trained on the train split)
+    c.data.tokenizer = "bpe"  # "bpe" (trained on the train split, saved as tokenizer.json) | "byte" (258 ids)
     c.data.bpe_vocab = 1024
     c.data.row_length = 256
     c.data.rows = "packed"  # "packed" (segment ids) | "single" (one chunk per row; linear attention)
@@ -54,7 +54,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat_policy = "none"
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 600
+    c.train.num_steps = 400
     c.train.stop_at_step = 0  # >0: stop after this step (simulated pre-emption)
     c.train.batch_size = 16
     c.train.learning_rate = 3e-3
@@ -62,7 +62,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.1
     c.train.clip_norm = 1.0
     c.train.log_every = 25
-    c.train.eval_every = 100
+    c.train.eval_every = 50
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
     c.train.progress = True
@@ -80,12 +80,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         c.model.attention = "linear"
         c.model.num_kv_heads = 4
         c.data.rows = "single"
-    elif preset == "bpe":
-        c.name = "lm_bpe"
-        c.data.tokenizer = "bpe"
+    elif preset == "byte":
+        c.name = "lm_byte"
+        c.data.tokenizer = "byte"
     elif preset == "smoke":  # a few seconds: the entry test
         c.name = "lm_smoke"
         c.data.corpus = "sklearn"
+        c.data.tokenizer = "byte"
         c.data.row_length = 32
         c.model.dim, c.model.depth, c.model.num_heads, c.model.num_kv_heads = 32, 1, 2, 1
         c.train.num_steps, c.train.batch_size, c.train.warmup_steps = 4, 4, 1

@@ -13,7 +13,8 @@ temperature=0.0, top_k=None, top_p=None, stop_tokens=(), pad_id=0) -> tokens [B,
 * Sampling (:func:`sample_logits`): ``temperature == 0`` is greedy (argmax); otherwise
   softmax(logits / temperature) restricted to the ``top_k`` largest logits and/or the smallest
   set of tokens whose probability reaches ``top_p`` (nucleus). Step ``i`` draws with
-  ``jax.random.fold_in(key, i)``, so results depend only on ``key``.
+  ``jax.random.fold_in(key, i)``, so results depend only on ``key``. :func:`filtered_probs`
+  returns that processed distribution as probabilities (speculative decoding needs it).
 * ``stop_tokens``: a row that emits one of them (it is written) stops; the loop ends when every
   row has stopped or produced ``max_new_tokens``.
 
@@ -30,7 +31,7 @@ from research.lm.cache import forward_cached, init_cache
 from research.lm.config import LMConfig
 from research.lm.model import head
 
-__all__ = ["generate", "generate_with_lengths", "sample_logits"]
+__all__ = ["generate", "generate_with_lengths", "sample_logits", "filtered_probs"]
 
 
 def _check_sampling(temperature, top_k, top_p):
@@ -43,23 +44,46 @@ def _check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
 
 
-def sample_logits(logits, key, *, temperature=0.0, top_k=None, top_p=None):
-    """One token per row from logits [B, V] (see the module docstring); returns int32 [B]."""
-    _check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
+def _filtered_logits(logits, temperature, top_k, top_p, dtype):
+    """``logits / temperature`` in ``dtype`` with the tokens outside the top-k / top-p sets at the
+    dtype's minimum (temperature > 0); any leading shape, vocabulary last."""
+    logits = logits.astype(dtype) / temperature
     neg = jnp.finfo(logits.dtype).min
     if top_k is not None and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, neg, logits)
     if top_p is not None and top_p < 1:
+        shape = logits.shape
+        logits = logits.reshape(-1, shape[-1])
         order = jnp.argsort(-logits, axis=-1)
         probs = jax.nn.softmax(jnp.take_along_axis(logits, order, -1), axis=-1)
         # keep a token if the probability mass strictly before it is < top_p (the top token always)
         keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, neg)
+        logits = jnp.where(keep, logits, neg).reshape(shape)
+    return logits
+
+
+def filtered_probs(logits, temperature=0.0, top_k=None, top_p=None):
+    """The distribution :func:`sample_logits` draws from, as probabilities [..., V].
+
+    ``temperature == 0``: the one-hot of the argmax; otherwise softmax(logits / temperature)
+    restricted to the top-k / top-p sets (exact zeros outside) and renormalised. Float32, or
+    float64 for float64 logits. Speculative decoding applies it identically to draft and target.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    if temperature == 0:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=dtype)
+    return jax.nn.softmax(_filtered_logits(logits, temperature, top_k, top_p, dtype), axis=-1)
+
+
+def sample_logits(logits, key, *, temperature=0.0, top_k=None, top_p=None):
+    """One token per row from logits [B, V] (see the module docstring); returns int32 [B]."""
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = _filtered_logits(logits, temperature, top_k, top_p, jnp.float32)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
