@@ -8,7 +8,9 @@ Rows (one record each):
   ``torch_eager`` / ``torch_compile``: the same weights in ``LlamaForCausalLM``
   (``research.lm.hf.to_torch_model``, SDPA attention), next-token cross-entropy,
   ``torch.optim.AdamW(foreach=True)`` with the same hyper-parameters; ``torch_compile`` compiles
-  the forward + loss. The step-0 losses of the three agree (recorded as ``loss0``).
+  the forward + loss. ``jax_cpu_tuned``: the ``jax`` row with ``scan_layers=False`` and
+  ``custom_matmul_vjp=True`` (the XLA:CPU weight-gradient fix of
+  ``research.nn.layers.dense_dot_general``). The step-0 losses all agree (recorded as ``loss0``).
 * ``decode``: generated tokens/s (``batch * new_tokens / time``) of greedy generation from a prompt
   of ``prompt`` tokens, at batch 1 and 8. ``jax``: ``research.lm.decode.generate`` (one jitted
   program); ``jax_linear``: the same with ``attention="linear"`` (recurrent state instead of a KV
@@ -45,7 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python experiments/bench_lm.py` from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TRAIN_IMPLS = ("jax", "torch_eager", "torch_compile")
+TRAIN_IMPLS = ("jax", "jax_cpu_tuned", "torch_eager", "torch_compile")
 DECODE_IMPLS = ("jax", "jax_linear", "hf_dynamic", "hf_static_compile")
 MODELS = {
     "quick": dict(vocab_size=64, dim=32, depth=2, num_heads=4, num_kv_heads=2, mlp_hidden=64, max_len=64),
@@ -72,17 +74,31 @@ def _timed(fn, target_s):
             return work / dt
 
 
+def _unstack_blocks(params, depth):
+    """scan_layers=True params (blocks stacked on axis 0) -> the unrolled layout (blocks_0, ...)."""
+    import jax
+
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(depth):
+        out[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
+    return out
+
+
 def build_train(impl, params, cfg, batch_np):
     """(run_once() -> tokens, info) for one train implementation, warmed up."""
     import numpy as np
 
     b, t = batch_np.shape
     info = {}
-    if impl == "jax":
+    if impl in ("jax", "jax_cpu_tuned"):
         import jax
         import jax.numpy as jnp
 
         from research.lm import lm_loss
+
+        if impl == "jax_cpu_tuned":  # blocks unrolled + the CPU-friendly weight-gradient matmul
+            cfg = cfg.replace(scan_layers=False, custom_matmul_vjp=True)
+            params = _unstack_blocks(params, cfg.depth)
         from research.train.optim import adamw
         from research.train.state import create_train_state
         from research.train.step import make_train_step

@@ -49,7 +49,8 @@ def lm_config(mc, vocab_size: int, max_len: int) -> LMConfig:
     return LMConfig(vocab_size=vocab_size, dim=mc.dim, depth=mc.depth, num_heads=mc.num_heads,
                     num_kv_heads=mc.num_kv_heads, mlp_hidden=mc.mlp_hidden or default_mlp_hidden(mc.dim),
                     rope_theta=float(mc.rope_theta), max_len=max_len, tie_embeddings=mc.tie_embeddings,
-                    attn_impl=mc.attn_impl, attention=mc.attention, remat_policy=mc.remat_policy)
+                    attn_impl=mc.attn_impl, attention=mc.attention, remat_policy=mc.remat_policy,
+                    scan_layers=mc.scan_layers, custom_matmul_vjp=mc.custom_matmul_vjp)
 
 
 def continue_prompts(params, lm_cfg, tok, texts, sc, key) -> list[dict]:

@@ -54,18 +54,6 @@ def test_quick_json_records_and_compile_errors_are_rows(capsys, monkeypatch):
     assert {r["new_tokens"] for r in recs if r["kind"] == "decode"} == {8}
 
 
-@pytest.mark.slow
-def test_quick_json_with_torch_compile(capsys):
-    """The real thing (1-2.5 min on 2 busy cores, torch.compile dominates; less with a warm inductor
-    cache): every row has a number."""
-    recs = _records(capsys, ["--quick", "--json"])
-    assert len(recs) == len(bench.TRAIN_IMPLS) + 2 * len(bench.DECODE_IMPLS)
-    for r in recs:
-        _check_ok(r, 2)
-    comp = [r for r in recs if r["impl"] in ("torch_compile", "hf_static_compile")]
-    assert all(r["compile_s"] > 0 for r in comp)
-
-
 def test_bad_arguments():
     with pytest.raises(SystemExit):
         bench.parse_args(["--kinds", "train,sample"])

@@ -90,13 +90,16 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# every variant in float32; float64 for the two decoding states (KV cache, linear state)
+@pytest.mark.parametrize("variant, fdtype", [(v, "float32") for v in VARIANTS]
+                         + [("gqa", "float64"), ("linear", "float64")])
 def test_cached_decoding_equals_full_forward(variant, fdtype):
-    cfg = small_cfg(fdtype, **VARIANTS[variant])
-    params = init_params(cfg, jax.random.key(0))
-    tokens = _tokens(1, 3, 11, cfg.vocab_size)
-    full = np.asarray(apply_logits(params, cfg, tokens))
-    got = cached_logits(params, cfg, tokens, [4, 1, 7])
+    with jax.enable_x64(fdtype == "float64"):
+        cfg = small_cfg(fdtype, **VARIANTS[variant])
+        params = init_params(cfg, jax.random.key(0))
+        tokens = _tokens(1, 3, 11, cfg.vocab_size)
+        full = np.asarray(apply_logits(params, cfg, tokens))
+        got = cached_logits(params, cfg, tokens, [4, 1, 7])
     np.testing.assert_allclose(got, full, atol=TOL[fdtype] * max(1.0, np.abs(full).max()), rtol=0)
 
 

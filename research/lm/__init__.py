@@ -9,7 +9,8 @@ Functional entry points (``cfg`` is a frozen :class:`LMConfig`, ``params`` a pyt
     tokens = research.lm.decode.generate(params, cfg, prompts, prompt_lengths, max_new_tokens=..., key=...)
 
 Modules: ``config`` (LMConfig), ``model`` (the Flax modules), ``cache`` (KV cache / linear
-state, ``forward_cached``), ``decode`` (sampling, ``generate``), ``tokenizer`` (byte, BPE),
+state, ``forward_cached``), ``decode`` (sampling, ``generate``), ``speculative`` (exact
+speculative sampling with a draft model), ``tokenizer`` (byte, BPE),
 ``hf`` (conversion to and from ``transformers.LlamaForCausalLM``), ``data`` (rows and bits per
 byte), ``byte_lm`` (the small packing-demo model).
 """

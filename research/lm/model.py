@@ -35,7 +35,7 @@ import pallas_kernels
 from research.data.packing import masked_mean, next_token_targets
 from research.lm.config import LMConfig
 from research.nn.attention import attention
-from research.nn.layers import RMSNorm
+from research.nn.layers import RMSNorm, dense_dot_general
 from research.nn.remat import remat_policy
 
 __all__ = ["Transformer", "init_params", "trunk", "head", "apply_logits", "lm_loss", "rope",
@@ -61,7 +61,8 @@ def rope(x, positions, theta: float):
 
 def _dense(cfg: LMConfig, features: int, name: str):
     return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                    kernel_init=nn.initializers.normal(cfg.init_std), name=name)
+                    kernel_init=nn.initializers.normal(cfg.init_std), name=name,
+                    dot_general=dense_dot_general if cfg.custom_matmul_vjp else None)
 
 
 def _feature_map(x):
