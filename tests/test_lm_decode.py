@@ -39,9 +39,15 @@ def _batch(prompts):
 
 
 def naive_greedy(params, cfg, prompt, n):
+    """Greedy continuation by re-running the full forward; also checks that every argmax wins by a
+    margin far above the cached-vs-full float32 differences (~1e-6), so the comparison cannot flip
+    on another machine's kernels."""
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(jnp.argmax(_logits(params, cfg, jnp.asarray([seq], jnp.int32))[0, -1])))
+        last = np.asarray(_logits(params, cfg, jnp.asarray([seq], jnp.int32))[0, -1])
+        top2 = np.sort(last)[-2:]
+        assert top2[1] - top2[0] > 1e-4, f"ambiguous argmax (margin {top2[1] - top2[0]:.2e}); pick another seed"
+        seq.append(int(np.argmax(last)))
     return seq
 
 
