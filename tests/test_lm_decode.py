@@ -150,3 +150,7 @@ def test_generate_rejects_bad_arguments():
         generate(params, CFG, toks, lens, max_new_tokens=3, key=jax.random.key(0), temperature=1.0, top_p=1.5)
     with pytest.raises(TypeError, match="integer"):
         generate(params, CFG, toks.astype(jnp.float32), lens, max_new_tokens=3, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"prompt_lengths must be in \[1, 5\]"):
+        generate(params, CFG, toks, lens.at[1].set(0), max_new_tokens=3, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"prompt_lengths must be in \[1, 5\]"):
+        generate(params, CFG, toks, lens.at[1].set(6), max_new_tokens=3, key=jax.random.key(0))

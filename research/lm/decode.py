@@ -94,6 +94,13 @@ def _check_prompt(cfg, prompt_tokens, prompt_lengths, max_new_tokens):
         raise TypeError(f"prompt_tokens must be integer ids, got dtype {prompt_tokens.dtype}")
     if prompt_lengths.shape != prompt_tokens.shape[:1]:
         raise ValueError(f"prompt_lengths must be [{prompt_tokens.shape[0]}], got shape {prompt_lengths.shape}")
+    if not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
+        raise TypeError(f"prompt_lengths must be integers, got dtype {prompt_lengths.dtype}")
+    if not isinstance(prompt_lengths, jax.core.Tracer):  # concrete: check the range here
+        lo, hi = int(jnp.min(prompt_lengths)), int(jnp.max(prompt_lengths))
+        if lo < 1 or hi > prompt_tokens.shape[1]:
+            raise ValueError(f"prompt_lengths must be in [1, {prompt_tokens.shape[1]}] (the prompt columns), "
+                             f"got values in [{lo}, {hi}]")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     total = prompt_tokens.shape[1] + max_new_tokens
