@@ -39,6 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._interpret import resolve_interpret
 from pallas_kernels.attention import tuning
 from pallas_kernels.attention.common import AttnStatic
 from pallas_kernels.attention.mosaic_bwd import mosaic_flash_bwd
@@ -57,22 +58,12 @@ def _is_pow2(n):
 
 
 def _resolve_interpret(interpret, kernel_backend=None):
-    backend = jax.default_backend()
-    if interpret is None:
-        return backend != "gpu"
-    if not isinstance(interpret, bool):
-        raise TypeError(f"interpret must be None, True or False, got {interpret!r}")
-    if not interpret and backend != "gpu":
-        if kernel_backend == "mosaic":
-            raise RuntimeError(
-                "flash_attention(backend='mosaic', interpret=False) needs a Hopper GPU for the "
-                f"compiled Mosaic GPU kernel, but jax.default_backend() is {backend!r}; pass "
-                "interpret=True (or None) to run it in Mosaic GPU interpret mode")
+    if kernel_backend == "mosaic" and interpret is False and jax.default_backend() != "gpu":
         raise RuntimeError(
-            f"flash_attention(interpret=False) needs a GPU backend for the compiled Pallas "
-            f"kernel, but jax.default_backend() is {backend!r}; pass interpret=True (or None) "
-            "to run the kernel in Pallas interpret mode")
-    return interpret
+            "flash_attention(backend='mosaic', interpret=False) needs a Hopper GPU for the "
+            f"compiled Mosaic GPU kernel, but jax.default_backend() is {jax.default_backend()!r}; "
+            "pass interpret=True (or None) to run it in Mosaic GPU interpret mode")
+    return resolve_interpret(interpret, "flash_attention")
 
 
 def _check_block(name, b):

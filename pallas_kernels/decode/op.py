@@ -42,6 +42,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._interpret import resolve_interpret
 from pallas_kernels.decode.reference import check_decode_args, decode_reference_core
 from pallas_kernels.decode.triton import DecodeStatic, decode_partials
 
@@ -63,20 +64,6 @@ def _next_pow2(n):
 
 def _cdiv(a, b):
     return -(-a // b)
-
-
-def _resolve_interpret(interpret):
-    backend = jax.default_backend()
-    if interpret is None:
-        return backend != "gpu"
-    if not isinstance(interpret, bool):
-        raise TypeError(f"interpret must be None, True or False, got {interpret!r}")
-    if not interpret and backend != "gpu":
-        raise RuntimeError(
-            f"decode_attention(interpret=False) needs a GPU backend for the compiled Pallas "
-            f"kernel, but jax.default_backend() is {backend!r}; pass interpret=True (or None) "
-            "to run the kernel in Pallas interpret mode")
-    return interpret
 
 
 def decode_plan(B, S, Hkv, D, *, num_splits=None, block_k=None):
@@ -194,7 +181,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, tree_mask=None, sm_scale=N
     if D not in _HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {_HEAD_DIMS} for the Pallas kernel, got {D}")
     num_splits, block_k = decode_plan(B, S, Hkv, D, num_splits=num_splits, block_k=block_k)
-    interpret = _resolve_interpret(interpret)
+    interpret = resolve_interpret(interpret, "decode_attention")
     G = Hq // Hkv
     st = DecodeStatic(Tq=Tq, G=G, R_pad=max(16, _next_pow2(Tq * G)),
                       S_pad=_cdiv(S, block_k) * block_k, D=D, block_k=block_k,

@@ -25,32 +25,15 @@ Semantics (shared with :func:`pallas_kernels.decode_attention`):
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.attention.reference import _check_sm_scale
+
 __all__ = ["reference_decode_attention", "check_decode_args", "visibility_mask"]
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _check_sm_scale(sm_scale, D):
-    """``1/sqrt(D)`` for ``None``; else ``float(sm_scale)``, which must be finite and > 0."""
-    if sm_scale is None:
-        return 1.0 / math.sqrt(D)
-    if isinstance(sm_scale, (bool, str, bytes)):
-        raise TypeError(f"sm_scale must be a number, got {sm_scale!r}")
-    try:
-        value = float(sm_scale)
-    except TypeError as e:  # a tracer or a non-number: the scale is static
-        raise TypeError(f"sm_scale must be a concrete (static) number or None, got "
-                        f"{sm_scale!r}") from e
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"sm_scale must be a finite number > 0 (or None for 1/sqrt(head_dim)), "
-                         f"got {sm_scale!r}")
-    return value
 
 
 def _check_lengths(lengths, B, Tq, S):

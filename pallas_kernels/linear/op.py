@@ -33,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._interpret import resolve_interpret
 from pallas_kernels.linear.kernel import LinearStatic, linear_bwd, linear_fwd
 from pallas_kernels.linear.reference import check_causal, check_eps, check_linear_args
 
@@ -47,20 +48,6 @@ def _is_pow2(n):
 
 def _next_pow2(n):
     return 1 << (n - 1).bit_length()
-
-
-def _resolve_interpret(interpret):
-    backend = jax.default_backend()
-    if interpret is None:
-        return backend != "gpu"
-    if not isinstance(interpret, bool):
-        raise TypeError(f"interpret must be None, True or False, got {interpret!r}")
-    if not interpret and backend != "gpu":
-        raise RuntimeError(
-            f"linear_attention(interpret=False) needs a GPU backend for the compiled Pallas "
-            f"kernel, but jax.default_backend() is {backend!r}; pass interpret=True (or None) "
-            "to run the kernel in Pallas interpret mode")
-    return interpret
 
 
 def _check_chunk_size(chunk_size):
@@ -136,7 +123,7 @@ def linear_attention(q, k, v, *, causal=True, chunk_size=64, interpret=None, eps
     if max(Dk, Dv) > _MAX_HEAD_DIM:
         raise ValueError(f"head dims must be <= {_MAX_HEAD_DIM} for the Pallas kernel, got "
                          f"Dk={Dk}, Dv={Dv}")
-    interpret = _resolve_interpret(interpret)
+    interpret = resolve_interpret(interpret, "linear_attention")
     C = min(chunk_size, max(16, _next_pow2(T)))
     st = LinearStatic(T=T, T_pad=-(-T // C) * C, chunk=C, Dk=max(16, _next_pow2(Dk)),
                       Dv=max(16, _next_pow2(Dv)), causal=causal, eps=eps,
