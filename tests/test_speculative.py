@@ -27,7 +27,7 @@ from scipy import stats as sps
 
 from research.lm import LMConfig, apply_logits, init_params
 from research.lm.decode import filtered_probs, generate
-from research.lm.speculative import (_verify, acceptance_probs, residual, speculative_generate, summarize_stats,
+from research.lm.speculative.sampling import (_verify, acceptance_probs, residual, speculative_generate, summarize_stats,
                                      verify, verify_greedy)
 
 # ----------------------------------------------------------------------------- the pure functions
