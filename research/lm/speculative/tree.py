@@ -30,7 +30,9 @@ the path root..i), each rule walks from the root and returns the accepted path, 
   This needs the siblings drawn *without replacement* from the parent's draft law (Gumbel
   top-m: ``x_2 ~ q`` without ``x_1``, ...) -- which is what removing rejected tokens from ``q``
   accounts for -- or deterministic candidates with a one-hot ``q_c`` (Medusa's top-k tree: then
-  the test accepts ``x`` with probability ``p(x)`` and the residual is ``p`` without ``x``).
+  the test accepts ``x`` with probability ``p(x)`` and the residual is ``p`` without ``x``). A
+  child beyond the support of its (filtered) draft law, once every supported token was
+  rejected, is treated as such a deterministic candidate.
 * :func:`verify_tree_typical` (Medusa's typical acceptance, **lossy**): a child is acceptable if
   ``p(x) > min(epsilon, delta * exp(-H(p)))``; the walk descends into the acceptable child of
   highest ``p(x)`` and the next token is drawn from ``p`` where it stops. Its outputs do not
@@ -101,7 +103,7 @@ class Tree:
     @classmethod
     def chain(cls, gamma: int) -> "Tree":
         """``gamma`` drafts in a row (speculative sampling's shape)."""
-        if not isinstance(gamma, int) or gamma <= 0:
+        if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma <= 0:
             raise ValueError(f"chain length must be a positive int, got {gamma!r}")
         return cls.from_choices([(0,) * d for d in range(1, gamma + 1)])
 
@@ -224,7 +226,10 @@ def verify_tree(tree: Tree, tokens, draft_probs, target_probs, key):
             return jnp.where(valid[:, None], target_probs[rows, cur], p), removed
         q = jnp.where(removed, 0, draft_probs[rows, c])
         qs = jnp.sum(q, axis=-1, keepdims=True)
-        q = q / jnp.where(qs > 0, qs, 1)
+        # a child past the draft law's support (a node wider than a top-k / top-p law): nothing is
+        # left to draw from, so it is a deterministic candidate with a one-hot law
+        onehot = (jnp.arange(v)[None, :] == x[:, None]).astype(q.dtype)
+        q = jnp.where(qs > 0, q / jnp.where(qs > 0, qs, 1), onehot)
         acc = u[rows, c] < acceptance_probs(p, q, x)
         rej = valid & ~acc
         p = jnp.where(rej[:, None], residual(p, q), p)
