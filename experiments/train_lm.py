@@ -11,16 +11,22 @@ bar), evaluating validation bits per byte every ``train.eval_every`` steps. Then
 held-out prompts (the start of validation documents) with the jitted KV-cache decoder.
 
 Writes to ``runs/<name>/``: metrics.json (final bits/byte, the eval curve, throughput),
-samples.txt, metrics.jsonl, curves.png, config.json, train.log, checkpoints/ (and tokenizer.json).
+samples.txt, metrics.jsonl, curves.png, config.json, train.log, checkpoints/ (and tokenizer.json), and
+the final weights for reuse (``final_params.msgpack`` + ``lm_config.json``; :func:`load_trained_lm`
+reads them back, e.g. for ``experiments/bench_decoding.py``). ``data.tokenizer_path`` reuses another
+run's tokenizer.json (a draft model must share its target's vocabulary).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 from experiments.common import (close_text_log, make_state, open_run, resolve_run_dir, run_cli, setup_text_log,
                                 train_resumable, write_json)
@@ -34,10 +40,17 @@ from research.train.step import make_train_step
 
 
 def build_tokenizer(dc, train_texts, run_dir):
-    """Byte tokenizer, or the BPE tokenizer trained on the train split (reloaded when resuming)."""
+    """Byte tokenizer, or the BPE tokenizer trained on the train split (reloaded when resuming),
+    or the one at ``dc.tokenizer_path``."""
     if dc.tokenizer != "bpe":
         return get_tokenizer(dc.tokenizer)
     path = os.path.join(run_dir, "tokenizer.json")
+    if dc.get("tokenizer_path"):
+        if not os.path.exists(dc.tokenizer_path):
+            raise FileNotFoundError(f"data.tokenizer_path {dc.tokenizer_path!r} does not exist")
+        tok = BPETokenizer.load(dc.tokenizer_path)
+        tok.save(path)
+        return tok
     if os.path.exists(path):
         return BPETokenizer.load(path)
     tok = get_tokenizer("bpe", train_texts=train_texts, vocab_size=dc.bpe_vocab)
@@ -139,8 +152,36 @@ def _run(cfg, run_dir, log) -> dict:
                "real_token_fraction": real, "params": num_params(params), "sample_time_s": sample_s,
                "samples": samples}
     write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    save_trained_lm(run_dir, state.params, lm_cfg)
     log.info(f"validation bits/byte {val['bits_per_byte']:.4f}; samples in {run_dir}/samples.txt")
     return metrics
+
+
+def save_trained_lm(run_dir: str, params, lm_cfg: LMConfig) -> None:
+    """The final weights (``final_params.msgpack``) and the LMConfig (``lm_config.json``)."""
+    blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, serialization.to_state_dict(params)))
+    tmp = os.path.join(run_dir, "final_params.msgpack.tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, os.path.join(run_dir, "final_params.msgpack"))
+    write_json(os.path.join(run_dir, "lm_config.json"), dataclasses.asdict(lm_cfg))
+
+
+def load_trained_lm(run_dir: str):
+    """``(params, LMConfig, tokenizer)`` of a finished ``train_lm`` run; a clear error if the
+    run is missing or unfinished."""
+    path = os.path.join(run_dir, "final_params.msgpack")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir} has no final_params.msgpack: train it first "
+                                f"(python -m experiments.train_lm --set run_dir={run_dir})")
+    with open(os.path.join(run_dir, "lm_config.json")) as f:
+        lm_cfg = LMConfig(**json.load(f))
+    with open(path, "rb") as f:
+        raw = serialization.msgpack_restore(f.read())
+    params = serialization.from_state_dict(init_params(lm_cfg, jax.random.key(0)), raw)
+    tok_path = os.path.join(run_dir, "tokenizer.json")
+    tok = BPETokenizer.load(tok_path) if os.path.exists(tok_path) else get_tokenizer("byte")
+    return jax.tree.map(jnp.asarray, params), lm_cfg, tok
 
 
 def main(argv=None):

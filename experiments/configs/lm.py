@@ -23,7 +23,7 @@ from research.nn.attention import IMPLS
 from research.runs.config import check, check_choice, check_positive
 
 
-PRESETS = ("linear", "byte", "smoke")
+PRESETS = ("linear", "byte", "smoke", "draft")
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -39,6 +39,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.data.split_seed = 0
     c.data.tokenizer = "bpe"  # "bpe" (trained on the train split, saved as tokenizer.json) | "byte" (258 ids)
     c.data.bpe_vocab = 1024
+    c.data.tokenizer_path = ""  # a tokenizer.json to reuse instead of training one (draft models)
     c.data.row_length = 256
     c.data.rows = "packed"  # "packed" (segment ids) | "single" (one chunk per row; linear attention)
 
@@ -88,6 +89,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "byte":
         c.name = "lm_byte"
         c.data.tokenizer = "byte"
+    elif preset == "draft":  # the small draft model of experiments/bench_decoding.py (shares runs/lm's tokenizer)
+        c.name = "lm_draft"
+        c.data.tokenizer_path = "runs/lm/tokenizer.json"
+        c.model.dim, c.model.depth, c.model.num_heads, c.model.num_kv_heads = 64, 2, 2, 1
     elif preset == "smoke":  # a few seconds: the entry test
         c.name = "lm_smoke"
         c.data.corpus = "sklearn"
