@@ -181,3 +181,15 @@ def test_bad_inputs_raise(target):
         Tree.from_choices([(0,), (1, 0)])
     with pytest.raises(ValueError, match="num_heads"):
         init_medusa(target, CFG, 0)
+
+
+def test_stop_tokens_end_rows_like_generate(target):
+    toks, lens = _batch(PROMPTS)
+    n = 14
+    free = np.asarray(generate(target, CFG, toks, lens, max_new_tokens=n, key=jax.random.key(0)))
+    stop = int(free[0, int(lens[0]) + 3])                   # row 0 emits it as its 4th new token
+    want = np.asarray(generate(target, CFG, toks, lens, max_new_tokens=n, key=jax.random.key(0), stop_tokens=(stop,)))
+    out, st = tree_generate(target, CFG, MedusaDrafter(4), _noisy_heads(target, CFG, 4, 0.3, 5), toks, lens,
+                            tree=TREE, max_new_tokens=n, key=jax.random.key(0), stop_tokens=(stop,))
+    np.testing.assert_array_equal(np.asarray(out), want)
+    assert int(st["num_generated"][0]) <= 4 and (want[0, int(lens[0]) + 4:] == 0).all()

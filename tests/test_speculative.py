@@ -348,3 +348,18 @@ def test_bad_inputs_raise():
         verify(jnp.zeros((2, 3), jnp.int32), probs, probs, jax.random.key(0))
     with pytest.raises(ValueError, match="target_logits"):
         verify_greedy(jnp.zeros((2, 3), jnp.int32), probs)
+
+
+@pytest.mark.parametrize("draft", ["noisy", "same"])
+def test_stop_tokens_end_rows_like_generate(models, draft):
+    tp, drafts = models
+    dp, dcfg = drafts[draft]
+    toks, lens = _batch(PROMPTS)
+    n = 10
+    free = np.asarray(generate(tp, TARGET, toks, lens, max_new_tokens=n, key=jax.random.key(0)))
+    stop = int(free[0, int(lens[0]) + 2])                   # row 0 emits it as its 3rd new token
+    want = np.asarray(generate(tp, TARGET, toks, lens, max_new_tokens=n, key=jax.random.key(0), stop_tokens=(stop,)))
+    out, st = speculative_generate(tp, TARGET, dp, dcfg, toks, lens, max_new_tokens=n, gamma=3, key=jax.random.key(0),
+                                   stop_tokens=(stop,))
+    np.testing.assert_array_equal(np.asarray(out), want)
+    assert int(st["num_generated"][0]) <= 3

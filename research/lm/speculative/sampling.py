@@ -143,9 +143,9 @@ def verify_greedy(draft_tokens, target_logits):
 
 
 @functools.partial(jax.jit, static_argnames=("target_cfg", "draft_cfg", "max_new_tokens", "gamma", "temperature",
-                                             "top_k", "top_p", "pad_id"))
+                                             "top_k", "top_p", "stop_tokens", "pad_id"))
 def _speculative(target_params, target_cfg, draft_params, draft_cfg, prompt_tokens, prompt_lengths, key, *,
-                 max_new_tokens, gamma, temperature, top_k, top_p, pad_id):
+                 max_new_tokens, gamma, temperature, top_k, top_p, stop_tokens, pad_id):
     b, p = prompt_tokens.shape
     total = p + max_new_tokens
     capacity = total + gamma - 1
@@ -153,7 +153,8 @@ def _speculative(target_params, target_cfg, draft_params, draft_cfg, prompt_toke
     greedy = temperature == 0
     probs = functools.partial(filtered_probs, temperature=temperature, top_k=top_k, top_p=top_p)
     lengths0 = jnp.clip(prompt_lengths.astype(jnp.int32), 1, p)
-    end = lengths0 + max_new_tokens                    # a row is finished once n >= end
+    end0 = lengths0 + max_new_tokens                   # a row is finished once n >= end
+    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     prompt = prompt_tokens.astype(jnp.int32)
     col = jnp.arange(total)[None, :]
     out = jnp.where(col < lengths0[:, None], jnp.pad(prompt, ((0, 0), (0, max_new_tokens))), pad_id)
@@ -171,13 +172,13 @@ def _speculative(target_params, target_cfg, draft_params, draft_cfg, prompt_toke
         return _categorical(k, q), q
 
     def cond(carry):
-        i, _, _, _, n, _ = carry
+        i, _, _, _, n, end, _ = carry
         return (i < max_new_tokens) & jnp.any(n < end)
 
     def body(carry):
         # At the top: out[:, :n] committed; tcache.lengths == n - 1; dcache.lengths in {n - 2, n - 1}
         # (finished rows: n >= end and both lengths 0).
-        i, tcache, dcache, out, n, stats = carry
+        i, tcache, dcache, out, n, end, stats = carry
         active = n < end
         keys = jax.random.split(jax.random.fold_in(key, i), gamma + 1)
         # (1) draft: catch up on the 1 or 2 committed tokens it lacks, then run on its own samples
@@ -210,8 +211,12 @@ def _speculative(target_params, target_cfg, draft_params, draft_cfg, prompt_toke
         j = jnp.arange(gamma + 1)[None, :]
         vals = jnp.where(j < k_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
         write = active[:, None] & (j <= k_acc[:, None]) & (n[:, None] + j < end[:, None])
+        is_stop = write & jnp.isin(vals, stops)                    # a stop token ends the row (it is written)
+        first_stop = jnp.where(jnp.any(is_stop, 1), jnp.argmax(is_stop, 1), gamma + 1)
+        write = write & (j <= first_stop[:, None])
         out = out.at[rows[:, None], jnp.where(write, n[:, None] + j, total)].set(vals, mode="drop")
-        n = jnp.where(active, n + k_acc + 1, n)
+        n = jnp.where(active, n + jnp.minimum(k_acc, first_stop) + 1, n)
+        end = jnp.where(active & (first_stop <= gamma), jnp.minimum(n, end), end)
         # (5) roll back (lengths only): n - 1 committed entries; finished rows to 0
         keep = jnp.where(n < end, n - 1, 0)
         tcache, dcache = tcache.rollback(keep), dcache.rollback(keep)
@@ -221,19 +226,19 @@ def _speculative(target_params, target_cfg, draft_params, draft_cfg, prompt_toke
                      row_emitted=stats["row_emitted"] + jnp.where(active, k_acc + 1, 0),
                      accepted=stats["accepted"] + jnp.sum(active[:, None] & (k_acc[:, None] > pos), 0, dtype=jnp.int32),
                      reached=stats["reached"] + jnp.sum(active[:, None] & (k_acc[:, None] >= pos), 0, dtype=jnp.int32))
-        return i + 1, tcache, dcache, out, n, stats
+        return i + 1, tcache, dcache, out, n, end, stats
 
     zeros_b, zeros_g = jnp.zeros((b,), jnp.int32), jnp.zeros((gamma,), jnp.int32)
     stats = dict(target_forwards=jnp.int32(0), row_rounds=zeros_b, row_emitted=zeros_b, accepted=zeros_g,
                  reached=zeros_g)
-    carry = (jnp.int32(0), tcache, dcache, out, lengths0, stats)
-    _, _, _, out, _, stats = jax.lax.while_loop(cond, body, carry)
-    return out, stats
+    carry = (jnp.int32(0), tcache, dcache, out, lengths0, end0, stats)
+    _, _, _, out, n, _, stats = jax.lax.while_loop(cond, body, carry)
+    return out, dict(stats, num_generated=n - lengths0)
 
 
 def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draft_cfg: LMConfig, prompt_tokens,
                          prompt_lengths, *, max_new_tokens: int, gamma: int, key, temperature: float = 0.0,
-                         top_k=None, top_p=None, pad_id: int = 0):
+                         top_k=None, top_p=None, stop_tokens=(), pad_id: int = 0):
     """Prompt continuation by the target model, accelerated by the draft (module docstring).
 
     Same prompt and output conventions as ``research.lm.decode.generate`` (right-padded ragged
@@ -243,7 +248,9 @@ def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draf
     target's greedy continuation). ``gamma``: drafts per round. Both models must share the
     vocabulary and use softmax attention (a KV cache; linear-attention states cannot roll back).
 
-    Returns ``(tokens, stats)``; ``stats`` is a dict of arrays described in the module docstring.
+    ``stop_tokens``: as in ``generate``, a row that emits one (it is written) stops, ``pad_id``
+    after it. Returns ``(tokens, stats)``; ``stats`` is a dict of arrays described in the module
+    docstring, plus ``num_generated [B]`` (each row's new tokens).
     """
     if target_cfg.vocab_size != draft_cfg.vocab_size:
         raise ValueError(f"target and draft must share the vocabulary: vocab_size {target_cfg.vocab_size} vs "
@@ -264,7 +271,7 @@ def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draf
                              f"flight) > the {name}'s LMConfig.max_len={cfg.max_len}")
     return _speculative(target_params, target_cfg, draft_params, draft_cfg, prompt_tokens, prompt_lengths, key,
                         max_new_tokens=max_new_tokens, gamma=gamma, temperature=float(temperature), top_k=top_k,
-                        top_p=top_p, pad_id=int(pad_id))
+                        top_p=top_p, stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
 
 
 def summarize_stats(stats) -> dict:

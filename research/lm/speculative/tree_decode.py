@@ -18,8 +18,8 @@ tokens (``out[b, :n_b]``), at the top of a round the **target cache** holds the 
 5. the drafter is told the accepted path, the target's hidden states along it and the next token
    (``Drafter.commit``) so it can catch up.
 
-Rows finish independently (ragged acceptance); a finished row writes nothing and its cache is
-rolled back to 0. Round ``r`` uses ``fold_in(key, r)``. Stats are those of
+Rows finish independently (ragged acceptance, or a stop token among the committed tokens: the
+tokens after it are dropped); a finished row writes nothing and its cache is rolled back to 0. Round ``r`` uses ``fold_in(key, r)``. Stats are those of
 ``research.lm.speculative.speculative_generate`` with ``accepted``/``reached`` per depth.
 
 **Drafter protocol** (a frozen, hashable dataclass: it is a static argument; its parameters
@@ -72,9 +72,9 @@ def _compact(cache, start, path, num):
 
 
 @functools.partial(jax.jit, static_argnames=("target_cfg", "drafter", "tree", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "acceptance", "typical", "pad_id"))
+                                             "top_k", "top_p", "acceptance", "typical", "stop_tokens", "pad_id"))
 def _tree_loop(target_params, target_cfg, drafter, drafter_params, prompt_tokens, prompt_lengths, key, *, tree,
-               max_new_tokens, temperature, top_k, top_p, acceptance, typical, pad_id):
+               max_new_tokens, temperature, top_k, top_p, acceptance, typical, stop_tokens, pad_id):
     b, p = prompt_tokens.shape
     nn_ = tree.num_nodes
     depth = tree.max_depth
@@ -85,7 +85,7 @@ def _tree_loop(target_params, target_cfg, drafter, drafter_params, prompt_tokens
     probs_fn = None if greedy else functools.partial(filtered_probs, temperature=temperature, top_k=top_k,
                                                      top_p=top_p)
     lengths0 = prompt_lengths.astype(jnp.int32)
-    end = lengths0 + max_new_tokens
+    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     prompt = prompt_tokens.astype(jnp.int32)
     col = jnp.arange(total)[None, :]
     out = jnp.where(col < lengths0[:, None], jnp.pad(prompt, ((0, 0), (0, max_new_tokens))), pad_id)
@@ -97,11 +97,11 @@ def _tree_loop(target_params, target_cfg, drafter, drafter_params, prompt_tokens
     mask = jnp.broadcast_to(jnp.asarray(tree.mask()), (b, nn_, nn_))
 
     def cond(carry):
-        i, _, _, _, n, _ = carry
+        i, _, _, _, n, end, _ = carry
         return (i < max_new_tokens) & jnp.any(n < end)
 
     def body(carry):
-        i, tcache, dstate, out, n, stats = carry
+        i, tcache, dstate, out, n, end, stats = carry
         active = n < end
         key_d, key_v = jax.random.split(jax.random.fold_in(key, i))
         root = out[rows, jnp.clip(n - 1, 0, total - 1)]
@@ -125,13 +125,17 @@ def _tree_loop(target_params, target_cfg, drafter, drafter_params, prompt_tokens
                              nxt[:, None])                                      # [B, D+2]
         path_tok = jnp.where(j <= k_acc[:, None] + 1, path_tok, pad_id)
         path_hidden = hidden[rows[:, None], path]                                # [B, D+1, dim]
-        # commit path_tok[1 .. k+1] at columns n.., within each row's budget
+        # commit path_tok[1 .. k+1] at columns n.., within each row's budget, up to the first stop token
         write = active[:, None] & (j >= 1) & (j <= k_acc[:, None] + 1) & (n[:, None] + j - 1 < end[:, None])
+        is_stop = write & jnp.isin(path_tok, stops)
+        first_stop = jnp.where(jnp.any(is_stop, 1), jnp.argmax(is_stop, 1), depth + 2)
+        write = write & (j <= first_stop[:, None])
         out = out.at[rows[:, None], jnp.where(write, n[:, None] + j - 1, total)].set(path_tok, mode="drop")
         dstate = drafter.commit(drafter_params, target_params, target_cfg, dstate, tree, path_tok, path_hidden,
                                 k_acc, n, active)
         tcache = _compact(tcache, start, path, jnp.where(active, k_acc, 0))
-        n_new = jnp.where(active, n + k_acc + 1, n)
+        n_new = jnp.where(active, n + jnp.minimum(k_acc + 1, first_stop), n)
+        end = jnp.where(active & (first_stop <= depth + 1), jnp.minimum(n_new, end), end)   # stopped rows finish
         tcache = tcache.rollback(jnp.where(n_new < end, n_new - 1, 0))
         pos = jnp.arange(depth)[None, :]
         stats = dict(target_forwards=stats["target_forwards"] + 1,
@@ -139,26 +143,28 @@ def _tree_loop(target_params, target_cfg, drafter, drafter_params, prompt_tokens
                      row_emitted=stats["row_emitted"] + jnp.where(active, k_acc + 1, 0),
                      accepted=stats["accepted"] + jnp.sum(active[:, None] & (k_acc[:, None] > pos), 0, dtype=jnp.int32),
                      reached=stats["reached"] + jnp.sum(active[:, None] & (k_acc[:, None] >= pos), 0, dtype=jnp.int32))
-        return i + 1, tcache, dstate, out, n_new, stats
+        return i + 1, tcache, dstate, out, n_new, end, stats
 
     zeros_b, zeros_d = jnp.zeros((b,), jnp.int32), jnp.zeros((depth,), jnp.int32)
     stats = dict(target_forwards=jnp.int32(0), row_rounds=zeros_b, row_emitted=zeros_b, accepted=zeros_d,
                  reached=zeros_d)
-    carry = (jnp.int32(0), tcache, dstate, out, lengths0, stats)
-    _, _, _, out, _, stats = jax.lax.while_loop(cond, body, carry)
-    return out, stats
+    carry = (jnp.int32(0), tcache, dstate, out, lengths0, lengths0 + max_new_tokens, stats)
+    _, _, _, out, n, _, stats = jax.lax.while_loop(cond, body, carry)
+    return out, dict(stats, num_generated=n - lengths0)
 
 
 def tree_generate(target_params, target_cfg: LMConfig, drafter, drafter_params, prompt_tokens, prompt_lengths, *,
                   tree: Tree, max_new_tokens: int, key, temperature: float = 0.0, top_k=None, top_p=None,
                   acceptance: str = "exact", typical_epsilon: float = 0.09, typical_delta: float = 0.3,
-                  pad_id: int = 0):
+                  stop_tokens=(), pad_id: int = 0):
     """Prompt continuation by the target, drafted by ``drafter`` over ``tree`` (module docstring).
 
     Same prompt and output conventions as ``research.lm.decode.generate``. ``acceptance="exact"``
     (default) keeps the target's law (greedy: its greedy continuation token for token);
     ``"typical"`` is Medusa's typical acceptance (``typical_epsilon``, ``typical_delta``): faster,
-    **lossy**, only at temperature > 0. Returns ``(tokens [B, P + max_new_tokens], stats)``.
+    **lossy**, only at temperature > 0. ``stop_tokens``: as in ``generate``, a row that emits one
+    (it is written) stops and is padded with ``pad_id`` after it. Returns ``(tokens [B, P +
+    max_new_tokens], stats)``; ``stats["num_generated"] [B]`` counts each row's new tokens.
     """
     if not isinstance(tree, Tree):
         raise TypeError(f"tree must be a research.lm.speculative.tree.Tree, got {type(tree).__name__}")
@@ -184,4 +190,4 @@ def tree_generate(target_params, target_cfg: LMConfig, drafter, drafter_params, 
     return _tree_loop(target_params, target_cfg, drafter, drafter_params, prompt_tokens, prompt_lengths, key,
                       tree=tree, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
                       top_p=top_p, acceptance=acceptance, typical=(float(typical_epsilon), float(typical_delta)),
-                      pad_id=int(pad_id))
+                      stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
