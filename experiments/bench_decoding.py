@@ -27,7 +27,10 @@ draft / target step-time ratio from plain decoding), greedy equality with ``plai
 identical), and at temperature 1 the target's NLL of the generated tokens. Mean +- std over seeds.
 A separate quality row for typical acceptance: plug-in KL of the empirical law of the first two
 generated tokens (``--kl-rows`` samples from one prompt) to the target's exact two-token law, next
-to the same estimate for exact methods (their KL is the estimator's finite-sample floor).
+to the same estimate for exact methods (their KL is the estimator's finite-sample floor). And
+the cost of verification: the target's forward time over ``T`` new tokens relative to ``T = 1``
+(a tree of ``T - 1`` drafts costs that much per round; speculative decoding pays off where it
+stays near 1, i.e. where decoding is memory-bound).
 
 Usage:
   python -m experiments.train_lm && python -m experiments.train_lm --config experiments/configs/lm.py:draft
@@ -184,10 +187,10 @@ def make_runner(method, target, draft, heads, temperature, max_new):
     if method.startswith("draft_g"):
         g = int(method[len("draft_g"):])
         return lambda x, n, k: speculative_generate(tp, tcfg, dp, dcfg, x, n, gamma=g, key=k, **kw)
-    tree_kw = {"medusa": (MedusaDrafter(MEDUSA_HEADS), heads["medusa"], Tree.from_choices(MEDUSA_CHOICES_SMALL)),
-               "medusa_typical": (MedusaDrafter(MEDUSA_HEADS), heads["medusa"], Tree.from_choices(MEDUSA_CHOICES_SMALL)),
-               "eagle": (EagleDrafter(), heads["eagle"], Tree.from_choices(EAGLE_CHOICES)),
-               "mtp": (MTPDrafter(MTP_MODULES), heads["mtp"], Tree.chain(MTP_MODULES))}
+    tree_kw = {"medusa": (MedusaDrafter(MEDUSA_HEADS), heads.get("medusa"), Tree.from_choices(MEDUSA_CHOICES_SMALL)),
+               "medusa_typical": (MedusaDrafter(MEDUSA_HEADS), heads.get("medusa"), Tree.from_choices(MEDUSA_CHOICES_SMALL)),
+               "eagle": (EagleDrafter(), heads.get("eagle"), Tree.from_choices(EAGLE_CHOICES)),
+               "mtp": (MTPDrafter(MTP_MODULES), heads.get("mtp"), Tree.chain(MTP_MODULES))}
     if method in tree_kw:
         if method == "medusa_typical" and temperature == 0:
             return None
@@ -320,6 +323,29 @@ def step_cost_ratio(args, target, draft, batch):
     return t["draft"] / t["target"]
 
 
+def verify_cost(args, target, batch, sizes=(1, 2, 4, 8, 16, 27)):
+    """Target forward time for T new tokens over a cached prompt (the verification of a T-node
+    tree) relative to T = 1: speculative decoding pays only where this stays near 1."""
+    from research.lm.cache import forward_cached, init_cache
+    from research.lm.model import head
+    tp, cfg = target
+    prompt = jnp.zeros((batch, args.prompt), jnp.int32)
+    cache = init_cache(cfg, batch, args.prompt + max(sizes))
+    _, cache = forward_cached(tp, cfg, prompt, cache)
+    fwd = jax.jit(lambda c, x, m: head(tp, cfg, forward_cached(tp, cfg, x, c, tree_mask=m)[0]))
+    out = []
+    for t in sizes:
+        x = jnp.zeros((batch, t), jnp.int32)
+        m = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
+        fn = lambda x=x, m=m: jax.block_until_ready(fwd(cache, x, m))  # noqa: E731
+        fn()
+        sec = min(_timed(fn, args.target_seconds) for _ in range(args.repeats))
+        out.append(dict(kind="verify_cost", batch=batch, tokens=t, ms=sec * 1e3))
+    for r in out:
+        r["ratio"] = r["ms"] / out[0]["ms"]
+    return out
+
+
 def kl_quality(args, target, heads, val_ids):
     """Plug-in KL(empirical law of the first two tokens || target's exact law), one prompt."""
     from research.lm import apply_logits
@@ -349,6 +375,7 @@ def run(args) -> list[dict]:
     heads = train_heads(args, target, rows)
     records = []
     for batch in args.batches:
+        records += verify_cost(args, target, batch)
         c = step_cost_ratio(args, target, draft, batch)
         for temp in args.temperatures:
             recs = bench_setting(args, target, draft, heads, val_ids, batch, temp)
@@ -386,7 +413,7 @@ def format_table(records) -> str:
     keys = []
     for r in records:
         k = (r.get("method"), r.get("batch"), r.get("temperature"))
-        if r.get("kind") != "kl" and k not in keys:
+        if r.get("kind") not in ("kl", "verify_cost") and k not in keys:
             keys.append(k)
     for m, b, t in keys:
         rs = [r for r in records if (r.get("method"), r.get("batch"), r.get("temperature")) == (m, b, t)]
@@ -411,6 +438,12 @@ def format_table(records) -> str:
         lines.append("|---|---:|")
         for r in kl:
             lines.append(f"| {r['method']} ({r['kl_rows']} samples) | {r['kl_two_token']:.4f} |")
+    vc = [r for r in records if r.get("kind") == "verify_cost"]
+    if vc:
+        lines.append("\n| target forward over T new tokens (cached prompt) | batch | ms | vs T = 1 |")
+        lines.append("|---|---:|---:|---:|")
+        for r in vc:
+            lines.append(f"| T = {r['tokens']} | {r['batch']} | {r['ms']:.3f} | {r['ratio']:.2f}x |")
     rs = [r for r in records if "loadavg_before" in r]
     if rs:
         lines.append(f"\nload average (1, 5, 15 min): first row before {rs[0]['loadavg_before']}, last row after "

@@ -36,7 +36,7 @@ def test_quick_json_records(quick_records):
     lines = [json.loads(x) for x in out.splitlines() if x.strip()]
     assert lines == json.loads(json.dumps(recs))                 # stdout: one JSON record per row
     assert "| method | batch | temp | tau |" in err and "plug-in KL" in err
-    rows = [r for r in recs if r.get("kind") != "kl"]
+    rows = [r for r in recs if r.get("kind") not in ("kl", "verify_cost")]
     got = {(r["method"], r["temperature"]) for r in rows}
     want = {(m, t) for m in ("plain", "medusa", "hf_assisted") for t in (0.0, 1.0)} | {("medusa_typical", 1.0)}
     assert got == want                                           # typical is not run at temperature 0
@@ -52,6 +52,9 @@ def test_quick_json_records(quick_records):
     assert plain["speedup"] == 1.0
     kl = {r["method"]: r["kl_two_token"] for r in recs if r.get("kind") == "kl"}
     assert set(kl) == {"plain", "medusa", "medusa_typical"} and all(v >= 0 for v in kl.values())
+    vc = [r for r in recs if r.get("kind") == "verify_cost"]
+    assert [r["tokens"] for r in vc] == [1, 2, 4, 8, 16, 27] and vc[0]["ratio"] == 1.0
+    assert all(r["ms"] > 0 for r in vc) and "vs T = 1" in err
 
 
 @pytest.mark.parametrize("argv, msg", [(["--methods", "plain,bogus"], "--methods"),

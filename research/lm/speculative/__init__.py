@@ -10,7 +10,15 @@
 * ``eagle``: an EAGLE-style draft head (Li et al. 2024), training, the tree drafter.
 * ``mtp``: DeepSeek-V3 multi-token prediction modules, joint training, the chain drafter.
 """
+from research.lm.speculative.eagle import EagleDrafter, init_eagle, train_eagle
+from research.lm.speculative.medusa import MedusaDrafter, init_medusa, train_medusa
+from research.lm.speculative.mtp import MTPDrafter, init_mtp, train_mtp
 from research.lm.speculative.sampling import (acceptance_probs, residual, speculative_generate, summarize_stats,
                                               verify, verify_greedy)
+from research.lm.speculative.tree import Tree, verify_tree, verify_tree_greedy, verify_tree_typical
+from research.lm.speculative.tree_decode import tree_generate
 
-__all__ = ["acceptance_probs", "residual", "verify", "verify_greedy", "speculative_generate", "summarize_stats"]
+__all__ = ["acceptance_probs", "residual", "verify", "verify_greedy", "speculative_generate", "summarize_stats",
+           "Tree", "verify_tree", "verify_tree_greedy", "verify_tree_typical", "tree_generate",
+           "MedusaDrafter", "init_medusa", "train_medusa", "EagleDrafter", "init_eagle", "train_eagle",
+           "MTPDrafter", "init_mtp", "train_mtp"]

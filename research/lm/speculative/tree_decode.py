@@ -39,6 +39,10 @@ travel separately as ``drafter_params``):
   the root and the accepted drafts, ``path_tokens[:, k+1]`` the next token; ``path_hidden[:, j]``
   the target's trunk output at path node ``j`` (position ``n - 1 + j``, ``j <= k``); ``n`` is the
   committed count before the round.
+
+A drafter should roll its own caches back for inactive rows (``active`` false) as the loop does
+for the target's: a finished row may have accepted past its budget, and a cache that keeps
+growing for it could outrun its capacity.
 """
 from __future__ import annotations
 
