@@ -193,3 +193,18 @@ def test_stop_tokens_end_rows_like_generate(target):
                             tree=TREE, max_new_tokens=n, key=jax.random.key(0), stop_tokens=(stop,))
     np.testing.assert_array_equal(np.asarray(out), want)
     assert int(st["num_generated"][0]) <= 4 and (want[0, int(lens[0]) + 4:] == 0).all()
+
+
+def test_tree_attention_through_the_pallas_decode_kernel():
+    """attn_impl="pallas": the target's tree verification runs pallas_kernels.decode_attention with
+    the tree mask (interpret mode on CPU); greedy output is still plain greedy decoding's."""
+    cfg = LMConfig(vocab_size=29, dim=64, depth=1, num_heads=4, num_kv_heads=2, mlp_hidden=64, max_len=24,
+                   init_std=0.4)                                   # head_dim 16: a kernel size
+    tp = init_params(cfg, jax.random.key(0))
+    toks, lens = _batch(PROMPTS[:2])
+    want = np.asarray(generate(tp, cfg, toks, lens, max_new_tokens=4, key=jax.random.key(0)))
+    _assert_greedy_margins(tp, cfg, want, lens, 4)
+    tree = Tree.from_choices([(0,), (1,), (0, 0)])
+    out, _ = tree_generate(tp, cfg.replace(attn_impl="pallas"), MedusaDrafter(2), _noisy_heads(tp, cfg, 2, 0.3, 5),
+                           toks, lens, tree=tree, max_new_tokens=4, key=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out), want)
