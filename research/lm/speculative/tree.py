@@ -272,13 +272,11 @@ def verify_tree_typical(tree: Tree, tokens, target_probs, key, *, epsilon: float
     def choose(stage, cur, c, x, valid, st):
         if stage == "level":
             return jnp.full((b,), -1.0, target_probs.dtype)
-        if stage == "moved":
-            return st
         px = target_probs[rows, cur, x]
         acc = (px > thresh[rows, cur]) & (px > st)
         return acc, jnp.where(acc & valid, px, st)
 
-    # "moved" must record the best child, not the first acceptable one: re-walk with a keep-best chooser
+    # every sibling is tested and the best acceptable one wins (not the first, as in _walk)
     path, num, cur = _walk_best(tree, tokens, choose)
     return path, num, _categorical(key, target_probs[rows, cur])
 
