@@ -28,3 +28,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled-program caches after each test module. One pytest process compiles
+    thousands of XLA:CPU executables over the suite; each keeps memory mappings alive, and past a
+    few thousand modules' worth the process hit the kernel's map limit and aborted inside XLA's
+    compiler (seen twice, in different tests, late in the suite)."""
+    yield
+    import jax
+
+    jax.clear_caches()
