@@ -18,7 +18,7 @@ import numpy as np
 
 from experiments.common import (
     TRAIN_KEYS, build_digits_dit, close_text_log, resolve_run_dir, run_cli, sample_digits, setup_text_log,
-    train_digits, write_digit_samples_and_metrics, write_json,
+    test_split_bits_per_dim, train_digits, write_digit_samples_and_metrics, write_json,
 )
 from research.data.digits import load_digits
 from research.generative.methods import get_method
@@ -43,6 +43,7 @@ def _run(cfg, run_dir, log, t_start) -> dict:
     arrays = {"image": images, "label": labels}
 
     k_init, k_train, k_data, k_sample = jax.random.split(jax.random.key(cfg.seed), 4)
+    k_bpd = jax.random.fold_in(k_sample, 1)
     model = build_digits_dit(**cfg.model.to_dict())
     model_fn = make_model_fn(model)
     params = init_dit(model, k_init)
@@ -74,6 +75,7 @@ def _run(cfg, run_dir, log, t_start) -> dict:
         run_dir, x, y, split_seed=dc.split_seed, test_fraction=dc.test_fraction,
         pca_components=cfg.eval.pca_components, grid_columns=sc.grid_columns,
         title=f"{cfg.name}: {sampler_tag} {sc.num_steps} steps, CFG w={sc.guidance}")
+    metrics.update(test_split_bits_per_dim(cfg, method, model_fn, sample_params, k_bpd))
     metrics.update({
         "final_loss": final_loss,
         "steps": int(state.step),

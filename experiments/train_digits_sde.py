@@ -12,34 +12,14 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (
     TRAIN_KEYS, build_digits_dit, build_digits_method, close_text_log, resolve_run_dir, run_cli, sample_digits,
-    setup_text_log, train_digits, write_digit_samples_and_metrics, write_json,
+    setup_text_log, test_split_bits_per_dim, train_digits, write_digit_samples_and_metrics, write_json,
 )
-from research.data.digits import NUM_CLASSES, load_digits, to_0_16
-from research.generative.likelihood import bits_per_dim, dequantize, digits_dequantization
+from research.data.digits import load_digits
 from research.nn.dit import init_dit, make_model_fn
-
-
-def digits_bits_per_dim(method, model_fn, params, images, key, *, divergence: str, rtol: float):
-    """Bits/dim of [-1, 1] digit images under the unconditional (null-label) model.
-
-    Dequantises the 0..16 integers with uniform noise (bins of width 1/8 in model space), evaluates
-    log p(z) by the PF-ODE and converts with the bin-width Jacobian (research/generative/likelihood.py).
-    """
-    k_deq, k_probe = jax.random.split(key)
-    ints = jnp.asarray(np.rint(to_0_16(images)), jnp.float32)
-    bin_width, offset = digits_dequantization()
-    z = dequantize(k_deq, ints, bin_width=bin_width, offset=offset)
-    null = jnp.full((images.shape[0],), NUM_CLASSES, jnp.int32)
-    f = jax.jit(lambda p, x, k: method.log_likelihood(model_fn, p, x, key=k, divergence=divergence, cond=null,
-                                                      rtol=rtol, atol=rtol))
-    logp, aux = f(params, z, k_probe)
-    bpd = bits_per_dim(logp, int(np.prod(images.shape[1:])), bin_width=bin_width)
-    return float(jnp.mean(bpd)), int(aux["nfe"])
 
 
 def run(cfg) -> dict:
@@ -85,13 +65,7 @@ def _run(cfg, name, run_dir, log) -> dict:
         run_dir, x, ys, split_seed=dc.split_seed, test_fraction=dc.test_fraction,
         pca_components=cfg.eval.pca_components, grid_columns=sc.grid_columns,
         title=f"{name}: {sampler_tag} NFE {nfe}, CFG w={sc.guidance}")
-    if cfg.eval.bpd_images > 0:
-        test_images, _ = load_digits("test", seed=dc.split_seed, test_fraction=dc.test_fraction)
-        bpd, bpd_nfe = digits_bits_per_dim(method, model_fn, params, test_images[:cfg.eval.bpd_images], k_bpd,
-                                           divergence=cfg.eval.bpd_divergence, rtol=cfg.eval.bpd_rtol)
-        metrics.update({"bits_per_dim": bpd, "bpd_nfe": bpd_nfe,
-                        "bpd_images": int(min(cfg.eval.bpd_images, len(test_images))),
-                        "bpd_uniform_reference": float(np.log2(17.0))})
+    metrics.update(test_split_bits_per_dim(cfg, method, model_fn, params, k_bpd))
     metrics.update({
         "method": cfg.method, "final_loss": final_loss, "steps": int(state.step), "num_params": n_params,
         "sampler": sampler_tag, "sample_steps": sc.num_steps, "nfe": nfe, "guidance": sc.guidance,

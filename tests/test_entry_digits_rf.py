@@ -18,6 +18,7 @@ TINY = [
     "train.batch_size=16", "train.warmup_steps=1", "train.log_every=2", "train.checkpoint_every=2",
     "train.progress=false", "train.ema_half_life_images=100.0",
     "sample.per_class=50", "sample.num_steps=2", "sample.solver=heun", "sample.grid_columns=4",
+    "eval.bpd_images=4", "eval.bpd_rtol=0.01",
 ]
 
 
@@ -51,6 +52,7 @@ def test_smoke_artefacts(smoke_run):
                 "steps", "wall_time_s", "nfe"]:
         assert key in m, key
     assert m["steps"] == 4 and m["nfe"] == 4 and np.isfinite(m["final_loss"])
+    assert m["bpd_kind"] == "pf_ode" and m["bpd_images"] == 4 and 0.0 < m["bits_per_dim"] < 20.0
     assert 0.0 <= m["classifier_accuracy"] <= 1.0 and m["frechet_distance"] > 0
     assert m["classifier_accuracy"] == metrics["classifier_accuracy"]
     with open(os.path.join(run_dir, "config.json")) as f:

@@ -23,7 +23,7 @@ TINY = [
     "model.hidden_size=16", "model.depth=1", "model.num_heads=2", "model.mlp_ratio=2.0",
     "train.batch_size=16", "train.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=2",
     "train.keep_checkpoints=5", "train.progress=false", "train.ema_half_life_images=100.0",
-    "sample.per_class=2", "sample.num_steps=2", "sample.grid_columns=2", "train.num_steps=8",
+    "sample.per_class=2", "sample.num_steps=2", "sample.grid_columns=2", "train.num_steps=8", "eval.bpd_images=0",
 ]
 
 

@@ -54,11 +54,17 @@ def digits_config(*, hidden_size: int, num_steps: int, checkpoint_every: int) ->
 
     c.eval = ml_collections.ConfigDict()
     c.eval.pca_components = 16
+    # bits/dim of the first `bpd_images` test digits under the null-label model: PF-ODE likelihood with the
+    # Hutchinson estimator (`bpd_divergence`), Tsit5 at rtol = atol = `bpd_rtol`; 0 images: skip
+    c.eval.bpd_images = 256
+    c.eval.bpd_divergence = "rademacher"
+    c.eval.bpd_rtol = 1e-5
     return c
 
 
 def validate_digits(c: ml_collections.ConfigDict) -> None:
     """Checks shared by both digits configs (model, optimiser, sampler names against the registries)."""
+    from research.generative.likelihood import DIVERGENCES
     from research.generative.sampling import SAMPLERS
     from research.generative.sampling.ode import ODE_SOLVERS
     from research.runs.config import check, check_choice, check_positive, check_range
@@ -67,6 +73,10 @@ def validate_digits(c: ml_collections.ConfigDict) -> None:
                    "model.mlp_ratio", "train.num_steps", "train.batch_size", "train.learning_rate",
                    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                    "sample.per_class", "sample.num_steps", "sample.grid_columns", "eval.pca_components")
+    check_positive(c, "eval.bpd_images", allow_zero=True)
+    check_positive(c, "eval.bpd_rtol")
+    check(c.eval.bpd_rtol < 1, f"eval.bpd_rtol must be in (0, 1), got {c.eval.bpd_rtol}")
+    check_choice(c, "eval.bpd_divergence", DIVERGENCES)
     check_positive(c, "train.warmup_steps", "train.weight_decay", "train.clip_norm",
                    "train.ema_half_life_images", "sample.guidance", allow_zero=True)
     check(8 % c.model.patch_size == 0, f"model.patch_size must divide 8, got {c.model.patch_size}")

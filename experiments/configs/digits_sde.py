@@ -38,24 +38,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.sample.num_steps = 18  # PF-ODE Heun: NFE 2N (EDM's sigma-space heun: 2N - 1)
     c.sample.guidance = 2.0
-
-    c.eval.bpd_images = 256  # test digits for bits/dim (0: skip)
-    c.eval.bpd_divergence = "rademacher"
-    c.eval.bpd_rtol = 1e-5
     return c
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    from research.generative.likelihood import DIVERGENCES
     from research.generative.methods import METHODS
     from research.generative.methods.score_sde import PRECONDS
 
     validate_digits(c)
     check_choice(c, "method", sorted(METHODS))
-    check_positive(c, "eval.bpd_images", allow_zero=True)
-    check_positive(c, "sde.beta_min", "sde.sigma_data", "sde.ve_sigma_max", "sde.P_std", "eval.bpd_rtol")
+    check_positive(c, "sde.beta_min", "sde.sigma_data", "sde.ve_sigma_max", "sde.P_std")
     check(c.sde.beta_min <= c.sde.beta_max, f"sde.beta_min ({c.sde.beta_min}) must be <= sde.beta_max ({c.sde.beta_max})")
     check_choice(c, "sde.precond", PRECONDS)
-    check_choice(c, "eval.bpd_divergence", DIVERGENCES)
-    check(c.eval.bpd_rtol < 1, f"eval.bpd_rtol must be in (0, 1), got {c.eval.bpd_rtol}")
     check_sampler_fits(c, c.method)
