@@ -65,6 +65,9 @@ _TINY_DIT = ("model.hidden_size=16", "model.depth=1", "model.num_heads=2", "mode
              "train.batch_size=16", "train.warmup_steps=1", "train.num_steps=3", "train.checkpoint_every=3",
              "train.ema_half_life_images=100.0", "sample.per_class=20", "sample.num_steps=2", "eval.bpd_images=4",
              "eval.bpd_rtol=0.01")
+_TINY_GAN = ("model.g_hidden=(16,)", "model.d_hidden=(16,)", "model.embed_dim=4", "gan.latent_dim=8",
+             "train.batch_size=16", "train.checkpoint_every=100", "train.ema_half_life_images=100.0",
+             "sample.per_class=20")
 
 FAMILIES: dict[str, Family] = {
     "rf_dit": Family("rectified flow, DiT (SD3 recipe)", "experiments.train_digits_rf",
@@ -74,6 +77,12 @@ FAMILIES: dict[str, Family] = {
                   quick=_TINY_DIT),
     "vp": Family("VP-SDE, DiT", "experiments.train_digits_sde", "experiments/configs/digits_sde.py", "digits_vp",
                  "pf_ode", overrides=("method=vp", "train.num_steps=1500"), quick=_TINY_DIT),
+    "gan_ns": Family("non-saturating GAN, MLP + projection D", "experiments.train_digits_gan",
+                     "experiments/configs/digits_gan.py:ns", "digits_gan_ns", "none",
+                     quick=_TINY_GAN + ("train.num_steps=4",)),
+    "wgan_gp": Family("WGAN-GP (n_critic 5), MLP + projection critic", "experiments.train_digits_gan",
+                      "experiments/configs/digits_gan.py:wgan_gp", "digits_gan_wgan_gp", "none",
+                      quick=_TINY_GAN + ("train.num_steps=6",)),
 }
 STAGES: dict[str, Family] = {}
 
