@@ -68,6 +68,9 @@ _TINY_DIT = ("model.hidden_size=16", "model.depth=1", "model.num_heads=2", "mode
 _TINY_GAN = ("model.g_hidden=(16,)", "model.d_hidden=(16,)", "model.embed_dim=4", "gan.latent_dim=8",
              "train.batch_size=16", "train.checkpoint_every=100", "train.ema_half_life_images=100.0",
              "sample.per_class=20")
+_TINY_FLOW = ("flow.levels=1", "flow.steps=1", "flow.hidden=4", "flow.depth=1", "flow.embed_dim=4",
+              "train.batch_size=16", "train.warmup_steps=1", "train.num_steps=3", "train.checkpoint_every=3",
+              "train.ema_half_life_images=100.0", "sample.per_class=20", "eval.temperatures=0.5")
 
 FAMILIES: dict[str, Family] = {
     "rf_dit": Family("rectified flow, DiT (SD3 recipe)", "experiments.train_digits_rf",
@@ -83,6 +86,11 @@ FAMILIES: dict[str, Family] = {
     "wgan_gp": Family("WGAN-GP (n_critic 5), MLP + projection critic", "experiments.train_digits_gan",
                       "experiments/configs/digits_gan.py:wgan_gp", "digits_gan_wgan_gp", "none",
                       quick=_TINY_GAN + ("train.num_steps=6",)),
+    "glow": Family("Glow (ActNorm, LU 1x1 conv, affine coupling)", "experiments.train_digits_flow",
+                   "experiments/configs/digits_flow.py", "digits_flow", "exact", quick=_TINY_FLOW),
+    "realnvp": Family("RealNVP (checkerboard/channel masks, multi-scale)", "experiments.train_digits_flow",
+                      "experiments/configs/digits_flow.py", "digits_flow_realnvp", "exact",
+                      overrides=("flow.kind=realnvp", "name=digits_flow_realnvp"), quick=_TINY_FLOW),
 }
 STAGES: dict[str, Family] = {}
 

@@ -11,6 +11,7 @@ config groups.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -307,7 +308,9 @@ def write_digit_samples_and_metrics(run_dir: str, x, labels, *, split_seed: int,
     return imgs, y, evaluator.evaluate(imgs, y)
 
 
+@functools.lru_cache(maxsize=4)
 def digits_evaluator(*, split_seed: int, test_fraction: float, pca_components: int):
+    """The fitted digits evaluator of a data split (cached: fitting the SVM and PCA takes seconds)."""
     from research.eval.digits import DigitsEvaluator
 
     return DigitsEvaluator.from_split(seed=split_seed, test_fraction=test_fraction, n_components=pca_components)
