@@ -71,6 +71,14 @@ _TINY_GAN = ("model.g_hidden=(16,)", "model.d_hidden=(16,)", "model.embed_dim=4"
 _TINY_FLOW = ("flow.levels=1", "flow.steps=1", "flow.hidden=4", "flow.depth=1", "flow.embed_dim=4",
               "train.batch_size=16", "train.warmup_steps=1", "train.num_steps=3", "train.checkpoint_every=3",
               "train.ema_half_life_images=100.0", "sample.per_class=20", "eval.temperatures=0.5")
+_TINY_AR = ("model.dim=16", "model.depth=1", "model.num_heads=2", "model.num_kv_heads=2", "train.batch_size=16",
+            "train.warmup_steps=1", "train.num_steps=3", "train.checkpoint_every=3",
+            "train.ema_half_life_images=100.0", "sample.per_class=20", "sample.extra_temperatures=()")
+_TINY_VAE = ("model.features=(8, 8)", "model.latent_channels=2", "train.num_steps=3", "train.batch_size=16",
+             "train.warmup_steps=1", "train.checkpoint_every=3", "train.ema_half_life_images=100.0",
+             "sample.per_class=20", "eval.bound_samples=2")
+_TINY_VQ = ("model.features=(8, 8)", "model.code_dim=4", "model.num_codes=8", "train.num_steps=3",
+            "train.batch_size=16", "train.warmup_steps=1", "train.checkpoint_every=3", "sample.per_class=2")
 
 FAMILIES: dict[str, Family] = {
     "rf_dit": Family("rectified flow, DiT (SD3 recipe)", "experiments.train_digits_rf",
@@ -91,8 +99,23 @@ FAMILIES: dict[str, Family] = {
     "realnvp": Family("RealNVP (checkerboard/channel masks, multi-scale)", "experiments.train_digits_flow",
                       "experiments/configs/digits_flow.py", "digits_flow_realnvp", "exact",
                       overrides=("flow.kind=realnvp", "name=digits_flow_realnvp"), quick=_TINY_FLOW),
+    "ar_pixels": Family("autoregressive Transformer over 64 pixels (LM stack)", "experiments.train_digits_ar",
+                        "experiments/configs/digits_ar.py", "digits_ar", "exact", quick=_TINY_AR),
+    "vae": Family("conditional VAE (Gaussian decoder)", "experiments.train_digits_vae",
+                  "experiments/configs/digits_vae.py", "digits_vae", "elbo", quick=_TINY_VAE),
+    "vq_ar": Family("VQ-VAE + autoregressive prior over codes (VQGAN recipe)", "experiments.train_digits_ar",
+                    "experiments/configs/digits_ar.py:vq", "digits_vq_ar", "none",
+                    overrides=("data.vq_run={run:vq}",), quick=_TINY_AR, needs=("vq",)),
+    "ldm": Family("latent diffusion: rectified-flow DiT on VAE latents", "experiments.train_digits_ldm",
+                  "experiments/configs/digits_ldm.py", "digits_ldm", "none",
+                  overrides=("data.vae_run={run:vae_ldm}",), quick=_TINY_DIT[:-2], needs=("vae_ldm",)),
 }
-STAGES: dict[str, Family] = {}
+STAGES: dict[str, Family] = {
+    "vq": Family("stage 1: VQ-VAE (EMA codebook)", "experiments.train_digits_vq", "experiments/configs/digits_vq.py",
+                 "digits_vq", "none", quick=_TINY_VQ, row=False),
+    "vae_ldm": Family("stage 1: VAE with a spatial latent", "experiments.train_digits_vae",
+                      "experiments/configs/digits_vae.py:ldm", "digits_vae_ldm", "elbo", quick=_TINY_VAE, row=False),
+}
 
 
 def _now() -> str:
