@@ -101,7 +101,7 @@ FAMILIES: dict[str, Family] = {
                       overrides=("flow.kind=realnvp", "name=digits_flow_realnvp"), quick=_TINY_FLOW),
     "ar_pixels": Family("autoregressive Transformer over 64 pixels (LM stack)", "experiments.train_digits_ar",
                         "experiments/configs/digits_ar.py", "digits_ar", "exact", quick=_TINY_AR),
-    "vae": Family("conditional VAE (Gaussian decoder)", "experiments.train_digits_vae",
+    "vae": Family("conditional VAE (discretised-logistic decoder)", "experiments.train_digits_vae",
                   "experiments/configs/digits_vae.py", "digits_vae", "elbo", quick=_TINY_VAE),
     "vq_ar": Family("VQ-VAE + autoregressive prior over codes (VQGAN recipe)", "experiments.train_digits_ar",
                     "experiments/configs/digits_ar.py:vq", "digits_vq_ar", "none",
@@ -163,8 +163,11 @@ def _finished(run_dir: str, cfg) -> bool:
 def _config_for(fam: Family, out: str, quick: bool):
     from research.runs.config import load_config
 
-    overrides = [o.format(**{f"run:{n}": os.path.join(out, s.run) for n, s in {**STAGES, **FAMILIES}.items()})
-                 for o in fam.overrides]
+    overrides = []
+    for o in fam.overrides:
+        for n, stage in {**STAGES, **FAMILIES}.items():
+            o = o.replace(f"{{run:{n}}}", os.path.join(out, stage.run))
+        overrides.append(o)
     overrides += list(fam.quick) if quick else []
     if quick:
         overrides += ["train.progress=false"]
