@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers; --dist loadfile keeps a file's tests (and its compiled module fixtures) on one worker
+TEST_WORKERS ?= 2
 # Numerics-sensitive tests, run again by `make test-isa` with XLA:CPU capped at AVX: XLA:CPU's code
 # differs by ISA (AVX / AVX2 / AVX-512), so a bitwise comparison of two different compiled programs
 # can pass on one machine and fail on another. Running these under two ISAs catches that here.
@@ -28,10 +30,10 @@ demo: $(STAMP)
 	$(PY) -m experiments.train_digits_rf --config experiments/configs/digits_rf.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-isa: $(STAMP)
-	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=$(ISA)" $(PY) -m pytest $(ISA_TESTS) -q $(PYTEST_ARGS)
+	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=$(ISA)" $(PY) -m pytest $(ISA_TESTS) -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # what CI runs: the whole suite on this machine's ISA, then the numerics-sensitive tests capped at AVX
 ci: test test-isa
