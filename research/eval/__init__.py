@@ -8,8 +8,10 @@ from research.eval.digits import (
     frechet_distance_from_features,
     gaussian_stats,
 )
+from research.eval.detection import average_precision, voc_mean_average_precision
 
 __all__ = [
     "DigitsEvaluator", "classifier_accuracy", "fit_digit_classifier", "fit_feature_pca",
-    "frechet_distance", "frechet_distance_from_features", "gaussian_stats",
+    "average_precision", "frechet_distance", "frechet_distance_from_features", "gaussian_stats",
+    "voc_mean_average_precision",
 ]
