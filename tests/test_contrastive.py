@@ -436,6 +436,14 @@ SHARDED = textwrap.dedent(r"""
     v, gq, gk = jax.jit(jax.shard_map(bodyP, mesh=mesh, in_specs=(P("d"),) * 3, out_specs=(P("d"),) * 3))(q, k, perm)
     close(v, np.full(8, rv), "perm value"); close(gq, rg[0], "perm gq"); close(gk, rg[1], "perm gk")
 
+    # 5b. the outside-shard_map InfoNCE wrapper (both check_vma modes), masks included
+    ref = jax.value_and_grad(lambda a, b: C.info_nce(a, b, temperature=T, mask=full_mask, query_mask=qmask), (0, 1))
+    rv, rg = ref(q, k)
+    for cv in (True, False):
+        f = C.make_sharded_info_nce(mesh, "d", temperature=T, check_vma=cv)
+        v, g = jax.jit(jax.value_and_grad(lambda a, b: f(a, b, kmask, qmask), (0, 1)))(q, k)
+        close(v, rv, f"wrapper value {cv}"); close(g[0], rg[0], f"wrapper gq {cv}"); close(g[1], rg[1], f"gk {cv}")
+
     # 6. the gradient of all_gather is a reduce-scatter (psum_scatter)
     f = C.make_sharded_nt_xent(mesh, "d", temperature=T)
     text = str(jax.make_jaxpr(jax.grad(f, (0, 1)))(z1, z2))
@@ -459,6 +467,8 @@ def test_sharded_on_one_device_equals_single_device():
     f = jax.jit(C.make_sharded_nt_xent(mesh, "d", temperature=0.3))
     a, b = jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32)
     np.testing.assert_allclose(float(f(a, b)), float(C.nt_xent(a, b, temperature=0.3)), rtol=1e-6)
+    g = jax.jit(C.make_sharded_info_nce(mesh, "d", temperature=0.3))
+    np.testing.assert_allclose(float(g(a, b)), float(C.info_nce(a, b, temperature=0.3)), rtol=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         jax.shard_map(lambda x, y: C.sharded_nt_xent(x, y, axis_name="d", reduction="sum"), mesh=mesh,
                       in_specs=(jax.P("d"), jax.P("d")), out_specs=jax.P())(a, b)

@@ -12,6 +12,7 @@ from research.losses.contrastive import (
     contrastive_accuracy,
     info_nce,
     info_nce_from_logits,
+    make_sharded_info_nce,
     make_sharded_nt_xent,
     mutual_information_lower_bound,
     nt_xent,
@@ -26,7 +27,7 @@ from research.losses.set_prediction import Match, hungarian_match, matching_cost
 __all__ = [
     "LearnableTemperature", "MARGIN_KINDS", "Match", "box_area", "box_cxcywh_to_xyxy", "box_iou",
     "box_xyxy_to_cxcywh", "contrastive_accuracy", "generalized_box_iou", "hungarian_match", "info_nce", "info_nce_from_logits",
-    "make_sharded_nt_xent", "margin_logits", "margin_softmax_loss", "matching_cost",
+    "make_sharded_info_nce", "make_sharded_nt_xent", "margin_logits", "margin_softmax_loss", "matching_cost",
     "mutual_information_lower_bound", "nt_xent", "set_loss", "sharded_info_nce", "sharded_nt_xent",
     "temperature_from_log",
 ]

@@ -408,3 +408,27 @@ def make_sharded_nt_xent(mesh, axis_name: AxisName = "data", *, temperature=None
         return mapped(z1, z2, example_mask)
 
     return loss
+
+
+def make_sharded_info_nce(mesh, axis_name: AxisName = "data", *, temperature=None, normalize: bool = True,
+                          check_vma: bool = True):
+    """``loss(query [N, D], keys [N, D], key_mask [N] | None = None, query_mask [N] | None = None) -> scalar``:
+    ``sharded_info_nce`` with the default diagonal positives (query i <-> key i) wrapped in ``jax.shard_map``
+    over ``mesh`` (queries and keys split over ``axis_name``, result replicated), for callers outside a
+    shard_map; equal to ``info_nce(query, keys, mask=key_mask[None, :], query_mask=query_mask)`` and
+    differentiable in ``query`` and ``keys`` (N divisible by the axis size)."""
+    from jax.sharding import PartitionSpec as P
+
+    def body(q, k, km, qm):
+        return sharded_info_nce(q, k, axis_name=axis_name, temperature=temperature, key_mask=km, query_mask=qm,
+                                normalize=normalize)
+
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(axis_name),) * 4, out_specs=P(), check_vma=check_vma)
+
+    def loss(query, keys, key_mask=None, query_mask=None):
+        n = jnp.shape(query)[0]
+        key_mask = jnp.ones((n,), jnp.bool_) if key_mask is None else jnp.asarray(key_mask, jnp.bool_)
+        query_mask = jnp.ones((n,), jnp.bool_) if query_mask is None else jnp.asarray(query_mask, jnp.bool_)
+        return mapped(query, keys, key_mask, query_mask)
+
+    return loss
