@@ -267,7 +267,7 @@ def train_resumable(run_dir: str, log: logging.Logger, state, step_fn, arrays: d
     ``curves.png``; ``eval_fn(state, step) -> dict`` is logged under ``eval/`` every ``eval_every`` steps.
     Returns ``(state, start_step, train_time_s, final_loss)``."""
     from research.data.iterators import batch_iterator
-    from research.runs.metrics import MetricsLogger, plot_curves, read_metrics
+    from research.runs.metrics import MetricsLogger, plot_curves
     from research.train.loop import train_loop
 
     start_step = int(state.step)
@@ -284,8 +284,15 @@ def train_resumable(run_dir: str, log: logging.Logger, state, step_fn, arrays: d
         ckpt.close()
     train_time = time.perf_counter() - t_train
     plot_curves(run_dir)
+    return state, start_step, train_time, last_logged_record(run_dir).get("loss_mean")
+
+
+def last_logged_record(run_dir: str) -> dict:
+    """The newest logging-window record of ``run_dir``'s metrics.jsonl (the one with ``loss_mean``), or {}."""
+    from research.runs.metrics import read_metrics
+
     records = [r for r in read_metrics(run_dir) if "loss_mean" in r]
-    return state, start_step, train_time, (records[-1]["loss_mean"] if records else None)
+    return records[-1] if records else {}
 
 
 def write_digit_samples_and_metrics(run_dir: str, x, labels, *, split_seed: int, test_fraction: float,

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (
+    last_logged_record,
     NUM_DIGIT_CLASSES, close_text_log, open_run, resolve_run_dir, run_cli, setup_text_log, train_resumable,
     write_json,
 )
@@ -340,7 +341,7 @@ def _run(cfg, run_dir, log, t_start) -> dict:
     encode = con["built"]["encode"]
     metrics["random_encoder_probe_accuracy"] = probe(encode(random_params, xtr), train_labels,
                                                      encode(random_params, xte), test_labels)
-    last = _last_record(os.path.join(run_dir, "contrastive"))
+    last = last_logged_record(os.path.join(run_dir, "contrastive"))
     temperature = (float(temperature_from_log(con["state"].params["log_temperature"],
                                               cfg.contrastive.min_temperature, cfg.contrastive.max_temperature))
                    if cfg.contrastive.learn_temperature else cfg.contrastive.temperature)
@@ -389,13 +390,6 @@ def _run(cfg, run_dir, log, t_start) -> dict:
              f"{metrics['random_encoder_probe_accuracy']:.4f}, raw pixels {metrics['raw_pixel_probe_accuracy']:.4f}; "
              f"temperature {temperature:.4f}; wall time {metrics['wall_time_s']:.1f}s")
     return metrics
-
-
-def _last_record(run_dir: str) -> dict:
-    from research.runs.metrics import read_metrics
-
-    records = [r for r in read_metrics(run_dir) if "loss_mean" in r]
-    return records[-1] if records else {}
 
 
 def main(argv=None) -> dict:

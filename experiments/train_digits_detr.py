@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (
+    last_logged_record,
     NUM_DIGIT_CLASSES, close_text_log, open_run, resolve_run_dir, run_cli, setup_text_log,
     train_resumable, write_json,
 )
@@ -394,7 +395,7 @@ def _run(cfg, run_dir, log, t_start) -> dict:
         save_predictions_figure(os.path.join(run_dir, "predictions.png"), canv["image"][:k], objects[:k], truths[:k],
                                 title=f"{cfg.name}: {int(state.step)} steps, test canvases, mAP@0.5 "
                                       f"{metrics['map_50']:.3f}")
-    final = _last_record(run_dir)
+    final = last_logged_record(run_dir)
     metrics.update({
         "final_loss": final_loss,
         "final_loss_note": "set loss incl. auxiliary decoder losses, mean over the last logging window",
@@ -414,13 +415,6 @@ def _run(cfg, run_dir, log, t_start) -> dict:
              f"accuracy {metrics['set_accuracy']:.4f}, detection set accuracy {metrics['detection_set_accuracy']:.4f}"
              f", count accuracy {metrics['count_accuracy']:.4f}; wall time {metrics['wall_time_s']:.1f}s")
     return metrics
-
-
-def _last_record(run_dir: str) -> dict:
-    from research.runs.metrics import read_metrics
-
-    records = [r for r in read_metrics(run_dir) if "loss_mean" in r]
-    return records[-1] if records else {}
 
 
 def main(argv=None) -> dict:

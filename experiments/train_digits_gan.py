@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.common import (
+    last_logged_record,
     NUM_DIGIT_CLASSES, close_text_log, open_run, resolve_run_dir, run_cli, setup_text_log, train_resumable,
     write_digit_samples_and_metrics, write_json,
 )
@@ -125,7 +126,7 @@ def _run(cfg, run_dir, log, t_start) -> dict:
         run_dir, x, y, split_seed=dc.split_seed, test_fraction=dc.test_fraction,
         pca_components=cfg.eval.pca_components, grid_columns=sc.grid_columns,
         title=f"{cfg.name}: {gc.loss} GAN, {int(g_entry.step)} generator updates")
-    final = _last_record(run_dir)
+    final = last_logged_record(run_dir)
     metrics.update({
         "gan_loss": gc.loss,
         "final_loss": final_loss,
@@ -156,13 +157,6 @@ def _run(cfg, run_dir, log, t_start) -> dict:
              f"{metrics['frechet_distance']:.3f} (floor {metrics['frechet_floor_train_vs_test']:.3f}), "
              f"{int(g_entry.step)} generator updates, wall time {metrics['wall_time_s']:.1f}s")
     return metrics
-
-
-def _last_record(run_dir: str) -> dict:
-    from research.runs.metrics import read_metrics
-
-    records = [r for r in read_metrics(run_dir) if "loss_mean" in r]
-    return records[-1] if records else {}
 
 
 def main(argv=None) -> dict:
