@@ -266,3 +266,30 @@ def test_callable_augment_and_checks():
         make_grain_loader(arr, batch_size=9, seed=0, num_epochs=1)
     with pytest.raises(ValueError):  # flat vectors are not images
         next(make_grain_loader({"x": np.zeros((4, 5))}, batch_size=2, seed=0, augment="flip"))
+
+
+def test_embedded_digits_and_toy_data_through_the_same_interface():
+    """The embedded data sets use the same loader as files on disk: every record once per epoch,
+    values unchanged (digits: float images + labels; 2-D toy points without labels)."""
+    import jax
+
+    from research.data.digits import load_digits
+    from research.data.toy import sample_toy
+
+    x, y = load_digits("train", seed=0, test_fraction=0.2)
+    digits = {"x": x, "y": y, "id": np.arange(len(y))}
+    it = make_grain_loader(digits, batch_size=64, seed=3, num_epochs=1, drop_remainder=False, num_classes=11)
+    batches = [{k: np.array(v) for k, v in b.items()} for b in it]
+    ids = _ids(batches)
+    assert sorted(ids) == list(range(len(y))) and not np.array_equal(ids, np.arange(len(y)))
+    for b in batches:
+        assert b["x"].shape[1:] == (8, 8, 1) and b["x"].dtype == np.float32
+        np.testing.assert_array_equal(b["x"], x[b["id"]])
+        np.testing.assert_array_equal(b["y"], y[b["id"]])
+
+    pts = np.asarray(sample_toy("two_moons", jax.random.key(0), 100))
+    it = make_grain_loader({"x": pts, "id": np.arange(100)}, batch_size=25, seed=0, num_epochs=1)
+    got = [{k: np.array(v) for k, v in b.items()} for b in it]
+    assert [g["x"].shape for g in got] == [(25, 2)] * 4
+    for g in got:
+        np.testing.assert_array_equal(g["x"], pts[g["id"]])
