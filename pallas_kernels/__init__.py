@@ -1,10 +1,10 @@
 """Hand-written Pallas kernels and their plain-JAX references.
 
-``flash_attention`` (Pallas, custom VJP; compiled on GPU, interpret mode elsewhere) and
+``flash_attention`` (Pallas, custom VJP; compiled on GPU or TPU, interpret mode elsewhere) and
 ``reference_attention`` (plain JAX) share one signature and one set of conventions, documented
 in :mod:`pallas_kernels.attention.reference`. The kernels live in :mod:`pallas_kernels.attention`,
 one module per backend and direction (``triton_fwd``, ``triton_bwd``, ``mosaic_fwd``,
-``mosaic_bwd``), with the op (``op``), the tables and backend policy (``tuning``) and the
+``mosaic_bwd``, ``tpu_fwd``, ``tpu_bwd``; the TPU pair verified only in TPU interpret mode), with the op (``op``), the tables and backend policy (``tuning``) and the
 shared helpers (``common``, ``mosaic_common``) beside them. ``decode_attention`` (split-K
 flash-decoding over a KV cache with per-row lengths and optional tree masks) and its plain-JAX
 ``reference_decode_attention`` live in :mod:`pallas_kernels.decode`.

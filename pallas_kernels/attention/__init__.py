@@ -6,6 +6,9 @@
 * ``mosaic_fwd.py`` / ``mosaic_bwd.py``: Hopper kernels in Pallas Mosaic GPU (TMA, wgmma,
   warp specialisation); ``mosaic_common.py`` holds what they share (the one Hopper check,
   budgets, SMEM layouts, masks).
+* ``tpu_fwd.py`` / ``tpu_bwd.py``: kernels for Pallas TPU / Mosaic TPU (BlockSpec grids with
+  the key axis as the "arbitrary" reduction, VMEM scratch); Pallas TPU interpret mode on CPU,
+  and verified only there (no TPU has run them).
 * ``common.py``: the static plan (``AttnStatic``), block ranges, masks and index maps shared by
   every kernel.
 * ``tuning.py``: every block-size table and the backend policy.

@@ -21,10 +21,19 @@ Backends (``backend=``; block-size tables and the auto policy in :mod:`.tuning`)
 * ``None`` (auto): :func:`.tuning.resolve_backend`: ``"triton"`` until ``tuning.MOSAIC_AUTO``
   is set (after the Mosaic kernels have passed and been measured faster on a Hopper GPU with
   ``experiments/gpu_check.sh``); then ``"mosaic"`` iff compiled on a compute-capability-9.x
-  GPU and the call is supported. Always ``"triton"`` in interpret mode.
+  GPU and the call is supported. Always ``"triton"`` in interpret mode. On a TPU host
+  (``jax.default_backend() == "tpu"``) auto picks ``"tpu"``.
+* ``"tpu"``: forward and backward kernels for Pallas TPU / Mosaic TPU (``tpu_fwd.py``,
+  ``tpu_bwd.py``: ``(B, H, q-blocks, k-blocks)`` grids, VMEM scratch, the key axis the
+  innermost ``"arbitrary"`` reduction). Off a TPU they run in Pallas TPU interpret mode
+  (``pltpu.InterpretParams``: simulated VMEM, grid semantics and scratch on CPU); compiled they
+  need a TPU and ``block_q`` / ``block_k`` multiples of 128 (``ValueError`` otherwise). Same
+  features as ``"triton"`` (segments, GQA, ragged T; tested with float32 and bfloat16).
+  Verified only in interpret mode (no TPU has run it).
 
-``interpret=None`` picks interpret mode iff ``jax.default_backend() != "gpu"``;
-``interpret=False`` without a GPU raises ``RuntimeError``.
+``interpret=None`` picks interpret mode iff ``jax.default_backend() != "gpu"`` (for the
+``"tpu"`` backend: iff it is not ``"tpu"``); ``interpret=False`` without a GPU (TPU for
+``"tpu"``) raises ``RuntimeError``.
 
 Supported (triton): float32 / bfloat16 / float16 inputs (float32 softmax statistics and
 accumulation; float32 inputs use exact float32 products, not TF32); head dims 16, 32, 64, 128,
@@ -45,6 +54,8 @@ from pallas_kernels.attention.common import AttnStatic
 from pallas_kernels.attention.mosaic_bwd import mosaic_flash_bwd
 from pallas_kernels.attention.mosaic_fwd import mosaic_flash_fwd
 from pallas_kernels.attention.reference import check_attention_args
+from pallas_kernels.attention.tpu_bwd import tpu_flash_bwd
+from pallas_kernels.attention.tpu_fwd import check_tpu_blocks, tpu_flash_fwd
 from pallas_kernels.attention.triton_bwd import flash_bwd
 from pallas_kernels.attention.triton_fwd import flash_fwd
 
@@ -58,12 +69,28 @@ def _is_pow2(n):
 
 
 def _resolve_interpret(interpret, kernel_backend=None):
+    if kernel_backend == "tpu":
+        return _resolve_tpu_interpret(interpret)
     if kernel_backend == "mosaic" and interpret is False and jax.default_backend() != "gpu":
         raise RuntimeError(
             "flash_attention(backend='mosaic', interpret=False) needs a Hopper GPU for the "
             f"compiled Mosaic GPU kernel, but jax.default_backend() is {jax.default_backend()!r}; "
             "pass interpret=True (or None) to run it in Mosaic GPU interpret mode")
     return resolve_interpret(interpret, "flash_attention")
+
+
+def _resolve_tpu_interpret(interpret):
+    on_tpu = jax.default_backend() == "tpu"
+    if interpret is None:
+        return not on_tpu
+    if not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be None, True or False, got {interpret!r}")
+    if not interpret and not on_tpu:
+        raise RuntimeError(
+            "flash_attention(backend='tpu', interpret=False) needs a TPU for the compiled Mosaic "
+            f"TPU kernel, but jax.default_backend() is {jax.default_backend()!r}; pass "
+            "interpret=True (or None) to run it in Pallas TPU interpret mode")
+    return interpret
 
 
 def _check_block(name, b):
@@ -80,7 +107,7 @@ class _Plan:
     dq: AttnStatic
     Tq: int
     Tk: int
-    backend: str = "triton"   # "triton" or "mosaic", forward and backward
+    backend: str = "triton"   # "triton", "mosaic" or "tpu", forward and backward
     mosaic_schedule: str = "serial"   # Mosaic GPU forward's consumer schedule
 
 
@@ -113,7 +140,9 @@ def _pad_segs(segs, Tq_pad, Tk_pad):
 def _forward(q, k, v, q_seg, kv_seg, plan: _Plan):
     st = plan.fwd
     qp, kp, vp = _pad_seq(q, st.Tq_pad), _pad_seq(k, st.Tk_pad), _pad_seq(v, st.Tk_pad)
-    if plan.backend == "mosaic":
+    if plan.backend == "tpu":
+        o, lse = tpu_flash_fwd(qp, kp, vp, q_seg, kv_seg, st)
+    elif plan.backend == "mosaic":
         o, lse = mosaic_flash_fwd(qp, kp, vp, st, interpret=st.interpret,
                                   num_slots=st.num_stages, schedule=plan.mosaic_schedule)
     else:
@@ -139,7 +168,9 @@ def _flash_bwd_rule(plan, res, do):
     delta = _pad_seq(delta, st.Tq_pad).transpose(0, 2, 1)
     qp, dop = _pad_seq(q, st.Tq_pad), _pad_seq(do.astype(q.dtype), st.Tq_pad)
     kp, vp = _pad_seq(k, st.Tk_pad), _pad_seq(v, st.Tk_pad)
-    if plan.backend == "mosaic":
+    if plan.backend == "tpu":
+        dq, dk, dv = tpu_flash_bwd(qp, kp, vp, dop, lse, delta, q_seg, kv_seg, st, plan.dq)
+    elif plan.backend == "mosaic":
         dq, dk, dv = mosaic_flash_bwd(qp, kp, vp, dop, lse, delta, st, interpret=st.interpret,
                                       st_dq=plan.dq)
     else:
@@ -162,10 +193,12 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, b
       sm_scale: score scale, default ``1/sqrt(D)``.
       block_q, block_k: block sizes (powers of two >= 16) for all three kernels; ``None`` uses
         the tuned table (:func:`.tuning.kernel_config`).
-      interpret: ``None`` (interpret iff no GPU backend), ``True`` or ``False``.
-      backend: ``None`` (auto), ``"triton"`` or ``"mosaic"`` (module docstring); applies to the
-        forward and the backward. With ``"mosaic"``, ``block_q`` / ``block_k`` set the forward's
-        blocks (``block_q`` must be 128); the backward uses its own table.
+      interpret: ``None`` (interpret iff no GPU backend; for ``"tpu"``: iff no TPU backend),
+        ``True`` or ``False``.
+      backend: ``None`` (auto), ``"triton"``, ``"mosaic"`` or ``"tpu"`` (module docstring);
+        applies to the forward and the backward. With ``"mosaic"``, ``block_q`` / ``block_k``
+        set the forward's blocks (``block_q`` must be 128); the backward uses its own table.
+        With ``"tpu"`` they set all three kernels' blocks (multiples of 128 when compiled).
 
     Returns:
       ``o [B, Tq, Hq, D]`` in ``q.dtype``; differentiable in q, k, v.
@@ -178,13 +211,18 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, b
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if backend is not None and backend not in tuning.BACKENDS:
-        raise ValueError(f"backend must be None, 'triton' or 'mosaic', got {backend!r}")
-    interpret = _resolve_interpret(interpret, backend)
+        raise ValueError(f"backend must be None, 'triton', 'mosaic' or 'tpu', got {backend!r}")
+    tpu = backend == "tpu" or (backend is None and tuning.on_tpu())
+    interpret = _resolve_interpret(interpret, "tpu" if tpu else backend)
     kernel_backend = tuning.resolve_backend(backend, interpret=interpret, dtype=q.dtype, D=D,
                                             has_segments=segs is not None, block_q=block_q,
                                             block_k=block_k)
 
-    if kernel_backend == "mosaic":
+    if kernel_backend == "tpu":
+        check_tpu_blocks(block_q, block_k, interpret=interpret)
+        cfgs = [dataclasses.replace(c, block_q=block_q or c.block_q, block_k=block_k or c.block_k)
+                for c in tuning.tpu_kernel_config(D, Tq, Tk, interpret=interpret)]
+    elif kernel_backend == "mosaic":
         cfgs = [tuning.mosaic_kernel_config(D, Tk, interpret=interpret, block_k=block_k),
                 *tuning.mosaic_bwd_kernel_config(D, interpret=interpret)]
     else:

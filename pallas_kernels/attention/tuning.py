@@ -3,8 +3,10 @@
 * :data:`GPU_TABLE`: the Triton-lowered kernels (forward, dK/dV, dQ), tuned on an H100.
 * :data:`MOSAIC_TABLE` / :data:`MOSAIC_BWD_TABLE`: the Hopper Mosaic GPU forward / backward
   (chosen from the SMEM and register budgets, not yet tuned on a GPU).
+* :data:`TPU_TABLE`: the Pallas TPU (Mosaic TPU) kernels (forward, dK/dV, dQ); untuned.
 * ``*_INTERPRET``: the small blocks used in interpret mode (CPU tests).
-* :data:`MOSAIC_AUTO` and :func:`resolve_backend`: which backend ``backend=None`` picks.
+* :data:`MOSAIC_AUTO` and :func:`resolve_backend`: which backend ``backend=None`` picks
+  (``"tpu"`` whenever ``jax.default_backend() == "tpu"``).
 
 The tables are module globals read at call time, so ``experiments/bench_attention.py --tune``
 (and tests) can install other entries for the rest of a run.
@@ -13,15 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from pallas_kernels.attention.mosaic_common import (MOSAIC_BLOCKS, MOSAIC_BLOCK_Q, is_hopper,
                                                     mosaic_unsupported_reason, no_hopper_message)
 from pallas_kernels.attention.mosaic_fwd import SCHEDULES as MOSAIC_SCHEDULES
 
 __all__ = ["KernelConfig", "kernel_config", "mosaic_kernel_config", "mosaic_bwd_kernel_config",
-           "resolve_backend", "GPU_TABLE", "MOSAIC_TABLE", "MOSAIC_BWD_TABLE", "MOSAIC_AUTO",
-           "BACKENDS"]
+           "tpu_kernel_config", "resolve_backend", "on_tpu", "GPU_TABLE", "MOSAIC_TABLE",
+           "MOSAIC_BWD_TABLE", "TPU_TABLE", "MOSAIC_AUTO", "BACKENDS"]
 
-BACKENDS = ("triton", "mosaic")
+BACKENDS = ("triton", "mosaic", "tpu")
 
 # --------------------------------------------------------------------------------------------
 # Triton lowering. Keys: head dim. Values: (block_q, block_k, num_warps, num_stages) for the
@@ -66,6 +70,21 @@ MOSAIC_BWD_TABLE = {
     128: ((64, 128), (128, 64)),
 }
 MOSAIC_BWD_INTERPRET = ((64, 64), (64, 64))
+
+# --------------------------------------------------------------------------------------------
+# Pallas TPU (Mosaic TPU). Keys: head dim (the block always covers the full D). Values:
+# (block_q, block_k) of the forward, the dK/dV kernel and the dQ kernel; compiled, every block
+# must be a multiple of 128 (the lane width). UNTUNED (no TPU yet): chosen so that the float32
+# score tile [bq, bk] stays <= 512 KiB of VMEM next to the double-buffered inputs; to be swept
+# on a TPU. Other head dims use the D=128 row. Interpret mode uses TPU_INTERPRET_BLOCK
+# (clipped to the sequence length; smaller blocks are fine there).
+# --------------------------------------------------------------------------------------------
+TPU_TABLE = {
+    #        fwd          dkdv         dq
+    64: ((256, 512), (256, 256), (256, 256)),    # untuned
+    128: ((256, 512), (256, 256), (256, 256)),   # untuned
+}
+TPU_INTERPRET_BLOCK = 128
 
 # Auto-select the Mosaic kernels on Hopper? Off until they have run on a GPU and measured faster
 # (experiments/gpu_check.sh): then set True, and auto picks "mosaic" iff compiled on a compute
@@ -114,6 +133,26 @@ def mosaic_bwd_kernel_config(D, *, interpret):
     return KernelConfig(*bkv), KernelConfig(*bdq)
 
 
+def tpu_kernel_config(D, Tq, Tk, *, interpret):
+    """Default ``(fwd, dkdv, dq)`` :class:`KernelConfig` of the Pallas TPU kernels (compiled:
+    clipped to the sequence length but never below 128)."""
+    lo = 16 if interpret else 128
+
+    def clip(b, T):
+        return max(lo, min(b, next_pow2(T)))
+
+    if interpret:
+        c = KernelConfig(clip(TPU_INTERPRET_BLOCK, Tq), clip(TPU_INTERPRET_BLOCK, Tk))
+        return c, c, c
+    return tuple(KernelConfig(clip(bq, Tq), clip(bk, Tk)) for bq, bk in
+                 TPU_TABLE.get(D, TPU_TABLE[128]))
+
+
+def on_tpu():
+    """True iff JAX's default backend is a TPU (read at call time)."""
+    return jax.default_backend() == "tpu"
+
+
 def _mosaic_reason(dtype, D, has_segments, block_q, block_k):
     """Why the Mosaic GPU kernels cannot take this call (``None``: they can)."""
     reason = mosaic_unsupported_reason(dtype, D, has_segments)
@@ -126,16 +165,20 @@ def _mosaic_reason(dtype, D, has_segments, block_q, block_k):
 
 def resolve_backend(backend, *, interpret, dtype, D, has_segments=False, block_q=None,
                     block_k=None):
-    """The backend ``flash_attention`` uses (forward and backward): ``"triton"`` or ``"mosaic"``.
+    """The backend ``flash_attention`` uses (forward and backward): ``"triton"``, ``"mosaic"``
+    or ``"tpu"``.
 
-    ``backend=None`` picks ``"mosaic"`` iff :data:`MOSAIC_AUTO` is set (it is not until the
+    ``backend=None`` picks ``"tpu"`` iff ``jax.default_backend() == "tpu"`` (compiled or
+    interpret). Otherwise it picks ``"mosaic"`` iff :data:`MOSAIC_AUTO` is set (it is not until the
     kernels are verified on a GPU), the call is compiled (``interpret=False``) on a GPU of
     compute capability 9.x and the call is supported by the Mosaic kernels. An explicit
     ``"mosaic"`` that cannot run raises (``ValueError`` for unsupported inputs,
     ``RuntimeError`` for a compiled call without a Hopper GPU).
     """
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be None, 'triton' or 'mosaic', got {backend!r}")
+        raise ValueError(f"backend must be None, 'triton', 'mosaic' or 'tpu', got {backend!r}")
+    if backend == "tpu" or (backend is None and on_tpu()):
+        return "tpu"
     reason = _mosaic_reason(dtype, D, has_segments, block_q, block_k)
     if backend is None:
         use = MOSAIC_AUTO and not interpret and reason is None and is_hopper()

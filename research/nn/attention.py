@@ -5,8 +5,10 @@ Implementations (``IMPLS``):
 
 * ``"xla"``: the plain-JAX reference, ``pallas_kernels.reference_attention``; any backend.
 * ``"pallas"``: ``pallas_kernels.flash_attention`` (kernels in ``pallas_kernels/attention/``,
-  backend chosen by its ``tuning`` policy); compiled on a GPU, Pallas interpret mode elsewhere
-  (slow: tiny shapes only on CPU).
+  backend chosen by its ``tuning`` policy); compiled on a GPU (Triton / Mosaic GPU kernels)
+  and on a TPU (the Pallas TPU kernels, ``backend="tpu"``, picked automatically when
+  ``jax.default_backend() == "tpu"``; verified only in TPU interpret mode so far), Pallas
+  interpret mode elsewhere (slow: tiny shapes only on CPU).
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``; CUDA GPU only, no
   ``segment_ids``, causal only with ``Tq == Tk``.
 """
@@ -38,7 +40,7 @@ def attention(q, k, v, *, impl: str = "xla", causal: bool = False, segment_ids=N
             q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale
         )
     if impl == "pallas":
-        # Pallas FlashAttention: compiled on GPU, interpret mode elsewhere (slow: tiny shapes).
+        # Pallas FlashAttention: compiled on GPU/TPU, interpret mode elsewhere (slow: tiny shapes).
         return pallas_kernels.flash_attention(
             q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale
         )
