@@ -21,6 +21,10 @@ CPU (no GPU needed):
   ping-pong "turn" barriers must be observed); its wgmma is synchronous and ignores ``wait_n``,
   so the asynchronous ordering of the overlapped schedules is checked only by reasoning
   (comments in ``attention.mosaic_fwd._consumer_rotated``) and, on a GPU, by the compiled tests;
+* that the compiled kernel keeps the running ``o`` in the ``P V`` wgmma accumulator
+  (``o_in_acc``: rescaled into it by ``wgmma_accumulator_store``, accumulated in place; no
+  ``[64, D]`` float32 add in the jaxpr, ``wgmma_accumulator_store_p`` in the CUDA lowering),
+  while interpret mode (which cannot store into an accumulator) runs ``o * alpha + PV``;
 * backend selection, the table's schedule column, the ``--tune`` sweep logic of
   ``experiments/bench_attention.py`` (with a stub timer) and the error cases.
 
@@ -258,6 +262,37 @@ def test_mosaic_fwd_lowers_for_cuda(D, block_k, slots, causal, p_via_smem, sched
     # the overlapped schedules await only the older of two wgmma groups (S_{j+1}, not P_j V_j)
     overlapped = "wgmma.wait_group.sync.aligned 1;" in text
     assert overlapped == schedule.startswith("overlap"), schedule
+    # compiled default: the running o lives in the P V accumulator (stored into it, rescaled)
+    assert "wgmma_accumulator_store_p" in text
+
+
+def _o_updates(jaxpr_text, D):
+    """How many float32 ``[64, D]`` adds (``o * alpha + PV`` in registers) a jaxpr has."""
+    return len(re.findall(rf"f32\[64,{D}\] = add ", jaxpr_text))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("D", [64, 128])
+def test_mosaic_fwd_compiled_accumulates_o_in_place(D, schedule):
+    """Compiled (``o_in_acc`` default): one ``[64, D]`` float32 accumulator per consumer for
+    ``P V``: the running ``o`` is rescaled into the wgmma accumulator
+    (``wgmma_accumulator_store``) and the wgmma adds ``P V`` to it in place, so the kernel has
+    no ``o * alpha + PV`` add of two ``[64, D]`` register tiles. ``o_in_acc=False`` (what
+    interpret mode runs) keeps that add; both lower for CUDA. block_k=64 != D, so a
+    ``[64, D]`` add can only be the o update."""
+    st = _static(2, 1000, 1000, 4, 2, D, True, "bfloat16", 64, interpret=False)
+    q = jax.ShapeDtypeStruct((2, st.Tq_pad, 4, D), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, st.Tk_pad, 2, D), jnp.bfloat16)
+    for o_in_acc in (None, False):
+        f = lambda q, k, v: mosaic_flash_fwd(q, k, v, st, interpret=False, schedule=schedule,
+                                             o_in_acc=o_in_acc)
+        jaxpr = str(jax.make_jaxpr(f)(q, k, k))
+        text = jax.jit(f).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+        in_place = o_in_acc is None
+        assert ("wgmma_accumulator_store" in jaxpr) == in_place, o_in_acc
+        assert ("wgmma_accumulator_store_p" in text) == in_place, o_in_acc
+        n_pv = 2 if schedule == "serial" else 3    # serial: 2 loops; rotated: 2 loops + tail
+        assert _o_updates(jaxpr, D) == (0 if in_place else n_pv), (o_in_acc, schedule)
 
 
 # ------------------------------------------------------------------------- backend / errors
@@ -328,6 +363,8 @@ def test_kernel_level_errors():
         mosaic_flash_fwd(q, k, v, st, interpret=True, schedule="fa3")
     with pytest.raises(ValueError, match="detect_races"):
         mosaic_flash_fwd(qb, kb, vb, big, interpret=False, detect_races=True)
+    with pytest.raises(ValueError, match="accumulator"):   # interpreter: no accumulator stores
+        mosaic_flash_fwd(q, k, v, st, interpret=True, o_in_acc=True)
 
 
 # ------------------------------------------------------------------------- GPU (Hopper) only

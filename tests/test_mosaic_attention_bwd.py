@@ -4,7 +4,9 @@ CPU tests run both kernels (dK/dV and dQ) in Pallas' *GPU interpret mode*, which
 TMA copies, mbarriers, wgmma and the producer / consumer warpgroups as concurrent threads; lse and
 delta are the exact statistics of the float64 oracle. A second CPU test lowers the compiled
 kernels for CUDA (Mosaic GPU layout inference, wgmma / TMA lowering and the SMEM budget run in
-Python, for sm_90) without executing them. ``@pytest.mark.gpu`` tests run the compiled kernels on
+Python, for sm_90) without executing them, and checks that both kernels defer wgmma waits
+(``wgmma.wait_group 1``); the race detector runs over the deferred-wait schedule (the
+interpreter's wgmma is synchronous, so it checks the SMEM / barrier protocol, not the waits). ``@pytest.mark.gpu`` tests run the compiled kernels on
 a Hopper GPU.
 
 The oracle is written independently of ``pallas_kernels``: ``reference_attention`` itself rejects
@@ -167,6 +169,31 @@ def test_interpret_no_races_in_smem_ring():
     assert not get_races().races_found
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_interpret_no_races_deferred_wgmma_schedule():
+    """Race detector over the deferred-wait schedule with many steps per CTA: the dK/dV CTA
+    runs 2 heads x 4 query blocks = 8 steps (ring of 2 wraps 4 times; each step releases the
+    *previous* step's slot after its first wgmma wait, the last two releases are predicated
+    off) with 2 consumer warpgroups; the dQ CTAs run 4 key blocks of 64 (2 unmasked, 2 masked), with 2
+    consumers. Non-causal, ragged (padded rows / columns masked), D=128; values against
+    float64 as well."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+    from pallas_kernels.attention.mosaic_bwd import _dkdv_call, _dq_call
+
+    Tq, Tk = 200, 130
+    args, st, st_dq, (dq64, dk64, dv64) = build_case(1, Tq, Tk, 2, 1, 128, False, "bfloat16",
+                                                     (64, 128), (128, 64), seed=9)
+    assert st.Tq_pad // st.block_q * st.group == 8 and st_dq.Tk_pad // st_dq.block_k == 4
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    dk, dv = jax.block_until_ready(_dkdv_call(*args, st, params))
+    assert not get_races().races_found
+    dq = jax.block_until_ready(_dq_call(*args, st_dq, params))
+    assert not get_races().races_found
+    errs = {"dq": rel_err(dq[:, :Tq], dq64), "dk": rel_err(dk[:, :Tk], dk64),
+            "dv": rel_err(dv[:, :Tk], dv64)}
+    assert all(e < TOL["bfloat16"] for e in errs.values()), errs
+
+
 def test_oracle_matches_reference_attention():
     """The float64 helper computes what ``reference_attention`` computes (float32 inputs)."""
     B, Tq, Tk, Hq, Hkv, D = 1, 12, 9, 4, 2, 16
@@ -204,6 +231,35 @@ def test_compiled_kernels_lower_for_hopper(D):
     fn = jax.jit(lambda *a: _mosaic_flash_bwd(*a, st, st_dq, False))
     text = fn.trace(qs, ks, ks, qs, ls, ls).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
+    _assert_deferred_waits(text)
+
+
+def _assert_deferred_waits(text):
+    """Both kernels (one custom call each) await a wgmma group with one still in flight
+    (``wgmma.wait_group 1``: S^T / S read while dP^T / dP runs, dP^T read while dV runs)."""
+    kernels = text.split("stablehlo.custom_call @mosaic_gpu")[1:]
+    assert len(kernels) == 2
+    for body in kernels:
+        assert "wgmma.wait_group.sync.aligned 1;" in body
+
+
+@pytest.mark.parametrize("D,bkv,bdq,causal", [
+    (64, (64, 64), (64, 64), False),       # one consumer warpgroup in both kernels
+    (128, (128, 64), (64, 128), True),     # the other block shapes that fit at D=128
+])
+def test_backward_defers_wgmma_waits_when_lowered(D, bkv, bdq, causal):
+    """The deferred-wait schedule lowers for CUDA for other block shapes than the table's."""
+    T, Hq, Hkv = 256, 2, 1
+    st = AttnStatic(Tq=T - 3, Tk=T, Tq_pad=T, Tk_pad=T, D=D, group=Hq // Hkv,
+                    block_q=bkv[0], block_k=bkv[1], causal=causal, has_segments=False,
+                    sm_scale=D ** -0.5, dtype="float16", interpret=False)
+    st_dq = dataclasses.replace(st, block_q=bdq[0], block_k=bdq[1])
+    qs = jax.ShapeDtypeStruct((1, T, Hq, D), jnp.float16)
+    ks = jax.ShapeDtypeStruct((1, T, Hkv, D), jnp.float16)
+    ls = jax.ShapeDtypeStruct((1, Hq, T), jnp.float32)
+    fn = jax.jit(lambda *a: _mosaic_flash_bwd(*a, st, st_dq, False))
+    _assert_deferred_waits(fn.trace(qs, ks, ks, qs, ls, ls).lower(
+        lowering_platforms=("cuda",)).as_text())
 
 
 # ------------------------------------------------------------------------------ errors

@@ -39,9 +39,36 @@ interpret mode only simulates SMEM operands; staging through SMEM keeps one code
 CPU tests execute. The round trip costs ~2 x 8 KiB of SMEM stores per step per consumer; a
 register-A variant for the GPU is a listed follow-up (docs/benchmarks/attention_mosaic_bwd.md).
 
-Every wgmma group is awaited inside its step (``wgmma_wait(0)`` before a ring slot is
-released); FA3 additionally overlaps the softmax of one step with the matmuls of the next (two
-consumer warpgroups ping-ponging). That is the main known gap to FA3 / cuDNN.
+wgmma schedule (deferred waits; wgmma groups complete in issue order, each ``plgpu.wgmma``
+commits one group, ``wgmma_accumulator_load(acc, wait_n=n)`` returns once at most ``n`` groups
+are still in flight). dK/dV consumer, step ``t`` (ring slot ``t % _STAGES``), entering with
+``C_{t-1}: dV += P^T_{t-1} dO_{t-1}`` and ``D_{t-1}: dK += dS^T_{t-1} Q_{t-1}`` in flight:
+
+  1. issue ``A: S^T = K_c Q_t^T`` and ``B: dP^T = V_c dO_t^T`` (both read only the ring slot
+     and the resident K / V);
+  2. read ``S^T`` with ``wait_n=1``: ``C_{t-1}, D_{t-1}, A`` are done, ``B`` may run. Now the
+     P^T / dS^T tiles and ring slot ``t-1`` (read by ``C_{t-1}`` / ``D_{t-1}``) are free: slot
+     ``t-1`` is released here (its ``free`` arrival), the tiles are overwritten below;
+  3. ``P^T = exp2(..)`` (overlaps ``B``), store to the P^T tile, ``commit_smem``, issue
+     ``C_t: dV += P^T dO_t``;
+  4. read ``dP^T`` with ``wait_n=1``: ``B`` done, ``C_t`` may run;
+  5. ``dS^T``, store to the dS^T tile (its last reader ``D_{t-1}`` was awaited in 2),
+     ``commit_smem``, issue ``D_t: dK += dS^T Q_t``; ``C_t, D_t`` stay in flight.
+
+The accumulators dK / dV are read once after the loop (``wait_n=0``). So a buffer is only
+overwritten after the wgmma that reads it has been awaited, and a ring slot is released only
+once every wgmma reading it has completed. The dQ consumer does the same with one
+accumulator: issue ``S = Q_c K_j^T`` and ``dP = dO_c V_j^T``, read ``S`` with ``wait_n=1``
+(``dQ_{j-1} += dS_{j-1} K_{j-1}`` and ``S`` done: the dS tile and slot ``j-1`` are free,
+slot ``j-1`` is released), ``P = exp2(..)`` while ``dP`` runs, read ``dP`` (``wait_n=0``),
+store dS, issue ``dQ += dS K_j`` and leave it in flight. What this buys: the ``exp2`` of each
+step overlaps one wgmma (``dP^T`` / ``dP``) and the dK (dQ) update of step ``t`` overlaps the
+score wgmmas of step ``t+1``, instead of four (three) serial issue-wait round trips per step.
+Registers are unchanged (``S^T`` and ``dP^T`` were already live together with ``P^T``). Mosaic
+GPU interpret mode runs wgmma synchronously and ignores ``wait_n``: the CPU tests check the
+values and the SMEM / barrier protocol (race detector) of this order, not its asynchrony; the
+CUDA lowering test checks that both kernels contain ``wgmma.wait_group 1``. Not done: FA3's
+ping-pong of the two consumer warpgroups in the backward.
 
 Supported: bfloat16 / float16, head dim 64 or 128 (D=256 does not fit: the dK and dV float32
 accumulators alone would take 2 x 64 x 256 / 128 = 256 registers per thread), block sizes 64 or
@@ -64,7 +91,7 @@ from pallas_kernels.attention.common import AttnStatic, kv_block_range, q_block_
 from pallas_kernels.attention.mosaic_common import (CONSUMER_REGS, MOSAIC_BLOCKS, MOSAIC_DTYPES,
                                                     MOSAIC_HEAD_DIMS, PRODUCER_REGS, SMEM_LIMIT,
                                                     WG_ROWS, compiler_params, interpret_params,
-                                                    is_hopper, matmul, no_hopper_message,
+                                                    is_hopper, no_hopper_message,
                                                     smem_transforms, visible, wait_slot_free)
 
 __all__ = ["mosaic_flash_bwd", "smem_bytes"]
@@ -181,28 +208,43 @@ def _dkdv_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dk_g, dv_g,
 
         def run(dk_acc, dv_acc):
             def step(i, t, masked):
+                # Deferred waits (module docstring, "wgmma schedule"). In flight on entry:
+                # dV_{t-1} += P^T dO, dK_{t-1} += dS^T Q (issued in that order by step t-1).
                 slot = t % _STAGES
                 plgpu.barrier_wait(full.at[slot])
                 q_t, do_t = q_s.at[slot], do_s.at[slot]
-                sT = matmul(k_c, q_t.T, (_WG_ROWS, bq)) * st.scale2         # [64, bq]
-                lse = plgpu.load(lse_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                if masked:
-                    vis = visible(st, i * bq, kb * bk + c * _WG_ROWS, (_WG_ROWS, bq),
-                                  transposed=True, mask_rows=True)
-                    sT = jnp.where(vis, sT, -jnp.inf)
-                pT = jnp.exp2(sT - lse[None, :])
-                pT_c[...] = pT.astype(dt)
-                plgpu.commit_smem()
-                plgpu.wgmma(dv_acc, pT_c, do_t)                             # dV += P^T dO
-                dpT = matmul(v_c, do_t.T, (_WG_ROWS, bq))                   # [64, bq]
+
+                def scores(s_acc, dp_acc):
+                    plgpu.wgmma(s_acc, k_c, q_t.T)                          # S^T = K_c Q^T
+                    plgpu.wgmma(dp_acc, v_c, do_t.T)                        # dP^T = V_c dO^T
+                    # wait_n=1: dV_{t-1}, dK_{t-1}, S^T done; dP^T may still run. So pT_c,
+                    # dsT_c and ring slot t-1 (read by dV_{t-1} / dK_{t-1}) are free again.
+                    sT = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+                    # The last _STAGES arrivals would complete phases nobody waits for.
+                    plgpu.barrier_arrive(free.at[(t + _STAGES - 1) % _STAGES],
+                                         predicate=(t > 0) & (t - 1 + _STAGES < n_steps))
+                    sT = sT * st.scale2                                     # [64, bq]
+                    lse = plgpu.load(lse_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    if masked:
+                        vis = visible(st, i * bq, kb * bk + c * _WG_ROWS, (_WG_ROWS, bq),
+                                      transposed=True, mask_rows=True)
+                        sT = jnp.where(vis, sT, -jnp.inf)
+                    pT = jnp.exp2(sT - lse[None, :])       # overlaps dP^T on the tensor cores
+                    pT_c[...] = pT.astype(dt)
+                    plgpu.commit_smem()                    # visible to the tensor core
+                    plgpu.wgmma(dv_acc, pT_c, do_t)                         # dV += P^T dO
+                    # wait_n=1: dP^T done; dV_t may still run (it reads pT_c, do_t).
+                    dpT = plgpu.wgmma_accumulator_load(dp_acc, wait_n=1)
+                    return pT, dpT
+
+                pT, dpT = pl.run_scoped(scores, plgpu.ACC((_WG_ROWS, bq), jnp.float32),
+                                        plgpu.ACC((_WG_ROWS, bq), jnp.float32))
                 delta = plgpu.load(dl_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 dsT = pT * (dpT - delta[None, :])
-                dsT_c[...] = dsT.astype(dt)
+                dsT_c[...] = dsT.astype(dt)          # dK_{t-1} (its last reader) was awaited
                 plgpu.commit_smem()
                 plgpu.wgmma(dk_acc, dsT_c, q_t)                             # dK += dS^T Q
-                plgpu.wgmma_wait(0)
-                # The last _STAGES arrivals would complete phases nobody waits for.
-                plgpu.barrier_arrive(free.at[slot], predicate=t + _STAGES < n_steps)
+                # dV_t and dK_t stay in flight into step t + 1 (or the final loads below).
                 return t + 1
 
             def head(g, t):
@@ -214,8 +256,10 @@ def _dkdv_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dk_g, dv_g,
                 return jax.lax.fori_loop(mid, nq, functools.partial(step, masked=True), t)
 
             jax.lax.fori_loop(0, G, head, jnp.int32(0))
-            dk = plgpu.wgmma_accumulator_load(dk_acc)
+            dk = plgpu.wgmma_accumulator_load(dk_acc)      # wait_n=0: every group done
             dv = plgpu.wgmma_accumulator_load(dv_acc)
+            # No release after the loop: the arrivals of the last _STAGES steps are
+            # predicated off above (nobody waits for them).
             # K_c / V_c are no longer read (all wgmmas awaited): reuse them as output staging.
             k_c[...] = (dk * st.sm_scale).astype(dt)
             v_c[...] = dv.astype(dt)
@@ -300,26 +344,38 @@ def _dq_kernel(q_g, k_g, v_g, do_g, lse_g, delta_g, dq_g,
 
         def run(dq_acc):
             def step(j, carry, masked):
+                # In flight on entry: dQ_{j-1} += dS K_{j-1} (issued by step j-1).
                 slot = j % _STAGES
                 plgpu.barrier_wait(full.at[slot])
                 k_t, v_t = k_s.at[slot], v_s.at[slot]
-                s = matmul(q_c, k_t.T, (_WG_ROWS, bk)) * st.scale2           # [64, bk]
-                if masked:
-                    vis = visible(st, qb * bq + c * _WG_ROWS, j * bk, (_WG_ROWS, bk))
-                    s = jnp.where(vis, s, -jnp.inf)
-                p = jnp.exp2(s - lse[:, None])
-                dp = matmul(do_c, v_t.T, (_WG_ROWS, bk))
+
+                def scores(s_acc, dp_acc):
+                    plgpu.wgmma(s_acc, q_c, k_t.T)                          # S = Q_c K^T
+                    plgpu.wgmma(dp_acc, do_c, v_t.T)                        # dP = dO_c V^T
+                    # wait_n=1: dQ_{j-1} and S done, dP may still run: ds_c and ring slot
+                    # j-1 (K_{j-1}, read by dQ_{j-1}) are free again.
+                    s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+                    plgpu.barrier_arrive(free.at[(j + _STAGES - 1) % _STAGES],
+                                         predicate=(j > 0) & (j - 1 + _STAGES < n_end))
+                    s = s * st.scale2                                       # [64, bk]
+                    if masked:
+                        vis = visible(st, qb * bq + c * _WG_ROWS, j * bk, (_WG_ROWS, bk))
+                        s = jnp.where(vis, s, -jnp.inf)
+                    p = jnp.exp2(s - lse[:, None])          # overlaps dP on the tensor cores
+                    return p, dp_acc[...]                   # wait_n=0: dP done
+
+                p, dp = pl.run_scoped(scores, plgpu.ACC((_WG_ROWS, bk), jnp.float32),
+                                      plgpu.ACC((_WG_ROWS, bk), jnp.float32))
                 ds = p * (dp - delta[:, None])
-                ds_c[...] = ds.astype(dt)
+                ds_c[...] = ds.astype(dt)            # dQ_{j-1} (its last reader) was awaited
                 plgpu.commit_smem()
                 plgpu.wgmma(dq_acc, ds_c, k_t)                              # dQ += dS K
-                plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(free.at[slot], predicate=j + _STAGES < n_end)
+                # dQ_j stays in flight into step j + 1 (or the final load below).
                 return carry
 
             jax.lax.fori_loop(0, n_full, functools.partial(step, masked=False), ())
             jax.lax.fori_loop(n_full, n_end, functools.partial(step, masked=True), ())
-            dq = plgpu.wgmma_accumulator_load(dq_acc)
+            dq = plgpu.wgmma_accumulator_load(dq_acc)      # wait_n=0: every group done
             q_c[...] = (dq * st.sm_scale).astype(dt)   # Q_c no longer read: output staging
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_c, dq_g.at[b, pl.ds(qb * bq + c * _WG_ROWS, _WG_ROWS), hq, :])

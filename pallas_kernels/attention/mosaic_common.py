@@ -16,8 +16,9 @@ __all__ = ["is_hopper", "no_hopper_message", "mosaic_unsupported_reason", "MOSAI
            "MOSAIC_HEAD_DIMS", "MOSAIC_BLOCK_Q", "MOSAIC_BLOCKS"]
 
 MOSAIC_DTYPES = ("bfloat16", "float16")
-# D=256 does not fit: the float32 accumulators (o and P V in the forward, dK and dV in the
-# backward) alone would take 2 x 64 x 256 / 128 = 256 registers per consumer thread.
+# D=256 does not fit: the dK and dV float32 accumulators of the backward alone would take
+# 2 x 64 x 256 / 128 = 256 registers per consumer thread. (The compiled forward keeps o in
+# the P V accumulator, 128 registers at D=256, so it alone might fit at block_k=64: untested.)
 MOSAIC_HEAD_DIMS = (64, 128)
 WG_ROWS = 64                 # rows of one warpgroup's wgmma (M)
 MOSAIC_BLOCK_Q = 128         # forward: two consumer warpgroups x 64 rows

@@ -21,17 +21,29 @@ blocks of one head; compiled with ``approx_math=True``):
   K and V have separate barriers, so ``S = Q K^T`` starts before V has landed.
 * each consumer loads its Q tile once by TMA, then per key block: ``S = Q K^T`` by ``wgmma``
   (float32 accumulator, K transposed through the SMEM ref), releases the K slot, online softmax
-  in registers in base 2 (``exp2``, running max ``m`` and sum ``l``), ``P V`` by ``wgmma``,
-  releases the V slot, ``o = o * alpha + P V``. Blocks in ``[n_full, n_end)`` get the element
-  mask (causal / padded columns), blocks before ``n_full`` skip it.
+  in registers in base 2 (``exp2``, running max ``m`` and sum ``l``), ``o = o * alpha + P V``
+  by ``wgmma``, releases the V slot. Blocks in ``[n_full, n_end)`` get the element mask
+  (causal / padded columns), blocks before ``n_full`` skip it.
+* the running output (``o_in_acc``, compiled default): ``o`` is kept in the ``P V`` wgmma's
+  float32 accumulator: before each ``P V`` wgmma the accumulator is set to ``o * alpha``
+  (``acc[...] = ..``, ``wgmma_accumulator_store``), the wgmma adds ``P V`` in place and the
+  awaited accumulator is the new ``o`` (attention_mgpu.py does the same with
+  ``pl.run_state(..)(plgpu.ACC.init(o))``). One ``[64, D]`` float32 tile per consumer
+  warpgroup instead of two (``o`` plus a fresh ``P V`` result added to it): 64 registers per
+  thread fewer at D=128 (32 at D=64) while a ``P V`` wgmma is in flight. Mosaic GPU
+  interpret mode cannot store into an accumulator (JAX 0.11.2: ``ValueError: Accumulator
+  shape (6,) does not match value shape``), so there (``o_in_acc=False``, the only choice in
+  interpret mode) ``P V`` goes into a fresh zero accumulator and ``o = o * alpha + PV`` is
+  added in registers; both forms lower for CUDA (tested on CPU).
 * epilogue: ``o / l`` is written into the consumer's (now unused) Q SMEM tile and stored with a
   TMA copy, ``lse2`` likewise through a small SMEM vector.
 
 Operand of ``P V``: on the GPU ``P`` is fed to ``wgmma`` from registers (``p_via_smem=False``,
 as FA3 does). Mosaic GPU *interpret* mode (CPU) only simulates ``wgmma`` with both operands in
 SMEM, so there ``P`` is first stored to a per-consumer SMEM tile (``p_via_smem=True``, the only
-choice allowed in interpret mode). That one operand path is the only difference between what the
-CPU tests run and what the GPU runs; both lower for CUDA (checked by the tests on CPU).
+choice allowed in interpret mode). That operand path and ``o_in_acc`` (above) are the only
+differences between what the CPU tests run and what the GPU runs; all four combinations lower
+for CUDA (checked by the tests on CPU).
 
 Consumer schedules (static ``schedule=`` argument, :data:`SCHEDULES`):
 
@@ -52,14 +64,17 @@ The rotated schedules peel a prologue (``S_0``, always with the element mask) an
 (``P_{n-1} V_{n-1}``); a query block that sees no key at all still runs one fully masked key
 block (``max(n_end, 1)`` blocks, the producer loads block 0), which gives ``l = 0`` -> ``o = 0``,
 ``lse2 = +inf`` like the serial loop with zero trips. All schedules compute the same values up to
-float32 summation order (the o update is ``o * alpha + PV`` in every schedule). None of the
+float32 summation order (the o update is ``o * alpha + PV`` in every schedule, in place in the
+accumulator or in registers by ``o_in_acc``). None of the
 schedules has run on a GPU yet; expected speeds and the register risk of ``"overlap"`` at
 D=128 / block_k=128 are in docs/benchmarks/attention_notes.md.
 
 Supported: bfloat16 / float16, ``D`` in {64, 128}, ``block_q == 128``, ``block_k`` in
-{64, 128} (dividing ``Tk_pad``), no segment ids. ``D = 256`` is *not* supported: the consumer
-keeps ``o`` and the ``P V`` accumulator in registers (2 x 128 float32 registers per thread at
-D=256), which does not fit next to ``S`` under the 255-register limit.
+{64, 128} (dividing ``Tk_pad``), no segment ids. ``D = 256`` is *not* supported. With ``o``
+in the ``P V`` accumulator it might now fit the forward at block_k=64 (``o`` 128 + ``S`` 32 +
+``P`` 16 = 176 of the 232 consumer registers per thread; it was 2 x 128 + 48 before), but
+it is not enabled: nothing was tested at D=256 and the backward cannot take it (dK + dV
+alone are 256 registers).
 """
 from __future__ import annotations
 
@@ -151,10 +166,25 @@ def _softmax_step(s, m, l, j, r0, st: AttnStatic, masked):
     return m_new, l, alpha, p
 
 
+def _pv_init(acc, o, alpha, o_in_acc):
+    """Before the ``P V`` wgmma into ``acc``: with ``o_in_acc`` (compiled only) the accumulator
+    starts as the rescaled running output ``o * alpha`` (``acc[...] = ..``, i.e.
+    ``wgmma_accumulator_store``), so the wgmma accumulates ``o_j = o_{j-1} alpha_j + P_j V_j``
+    in place and no second ``[64, D]`` float32 tile is live. Otherwise ``acc`` stays zero (the
+    fresh accumulator of ``run_scoped``) and :func:`_pv_result` adds it to ``o * alpha``."""
+    if o_in_acc:
+        acc[...] = o * alpha[:, None]
+
+
+def _pv_result(val, o, alpha, o_in_acc):
+    """The new running output from the awaited ``P V`` accumulator value ``val``."""
+    return val if o_in_acc else o * alpha[:, None] + val
+
+
 def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
               q_smem, k_smem, v_smem, p_smem, lse_smem,
               q_bar, k_full, v_full, k_free, v_free, turn, *, st: AttnStatic, num_slots: int,
-              schedule: str):
+              schedule: str, o_in_acc: bool):
     dtype = q_ref.dtype
     bk, S = st.block_k, num_slots
     nq = st.Tq_pad // _BLOCK_Q
@@ -210,7 +240,8 @@ def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
         consumer = _consumer_serial if schedule == "serial" else _consumer_rotated
         o, m, l = consumer(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_free, turn,
                            wg=wg, r0=r0, n_full=n_full, n_blocks=n_blocks, init=(o0, m0, l0),
-                           st=st, num_slots=S, overlap=overlap, pingpong=pingpong)
+                           st=st, num_slots=S, overlap=overlap, pingpong=pingpong,
+                           o_in_acc=o_in_acc)
 
         empty = l == 0.0
         l_safe = jnp.where(empty, 1.0, l)
@@ -226,7 +257,7 @@ def _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref,
 
 
 def _consumer_serial(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_free, turn, *,
-                     wg, r0, n_full, n_blocks, init, st, num_slots, overlap, pingpong):
+                     wg, r0, n_full, n_blocks, init, st, num_slots, overlap, pingpong, o_in_acc):
     """``schedule="serial"``: every wgmma is awaited right after it is issued."""
     del turn, overlap, pingpong
     dtype, bk, S = k_smem.dtype, st.block_k, num_slots
@@ -248,24 +279,32 @@ def _consumer_serial(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_f
             p_op = p_smem.at[wg]
         else:
             p_op = p
-        pv_val = matmul(p_op, v_smem.at[slot], (_ROWS, st.D))
+
+        def pv(acc):
+            _pv_init(acc, o, alpha, o_in_acc)
+            plgpu.wgmma(acc, p_op, v_smem.at[slot])
+            return acc[...]                                # wait_n=0
+
+        pv_val = pl.run_scoped(pv, plgpu.ACC((_ROWS, st.D), jnp.float32))
         plgpu.barrier_arrive(v_free.at[slot])
-        o = o * alpha[:, None] + pv_val
-        return o, m_new, l
+        return _pv_result(pv_val, o, alpha, o_in_acc), m_new, l
 
     carry = jax.lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
     return jax.lax.fori_loop(n_full, n_blocks, functools.partial(step, masked=True), carry)
 
 
 def _consumer_rotated(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_free, turn, *,
-                      wg, r0, n_full, n_blocks, init, st, num_slots, overlap, pingpong):
+                      wg, r0, n_full, n_blocks, init, st, num_slots, overlap, pingpong,
+                      o_in_acc):
     """``schedule`` in {"overlap", "pingpong", "overlap+pingpong"}: FA3's rotated loop.
 
     Step ``j`` (for ``j`` in ``[0, n_blocks - 1)``) enters holding ``P_j`` (registers, or the
     consumer's P SMEM tile), the statistics ``m_j, l_j`` and ``alpha_j`` (the rescale that
     belongs to ``P_j V_j``) and ``o_{j-1}``; it issues ``P_j V_j`` and ``S_{j+1} = Q K_{j+1}^T``
     and leaves with ``P_{j+1}, m_{j+1}, l_{j+1}, alpha_{j+1}`` and
-    ``o_j = o_{j-1} * alpha_j + P_j V_j``. Prologue: ``S_0`` -> ``P_0``; epilogue:
+    ``o_j = o_{j-1} * alpha_j + P_j V_j`` (with ``o_in_acc`` the PV accumulator is set to
+    ``o_{j-1} * alpha_j`` before the step's wgmmas are issued, so ``o`` lives in the
+    accumulator that is in flight across the ``wait_n=1``). Prologue: ``S_0`` -> ``P_0``; epilogue:
     ``o_{n-1} = o_{n-2} * alpha_{n-1} + P_{n-1} V_{n-1}``.
 
     wgmma groups complete in issue order (each ``plgpu.wgmma`` commits one group), so with
@@ -341,6 +380,7 @@ def _consumer_rotated(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_
         acquire()
 
         def gemms(s_acc, pv_acc):
+            _pv_init(pv_acc, o, alpha, o_in_acc)   # o_in_acc: pv_acc = o_{j-1} * alpha_j
             if overlap:
                 plgpu.wgmma(s_acc, q_tile, k_smem.at[nslot].T)    # group A: S_{j+1}
                 plgpu.wgmma(pv_acc, p_operand(p), v_smem.at[slot])  # group B: P_j V_j
@@ -371,8 +411,7 @@ def _consumer_rotated(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_
 
         pv, m_new, l_new, alpha_new, p_new = pl.run_scoped(
             gemms, plgpu.ACC((_ROWS, bk), jnp.float32), plgpu.ACC((_ROWS, D), jnp.float32))
-        o = o * alpha[:, None] + pv
-        return o, m_new, l_new, alpha_new, stash(p_new)
+        return _pv_result(pv, o, alpha, o_in_acc), m_new, l_new, alpha_new, stash(p_new)
 
     mid = jnp.maximum(n_full - 1, 0)          # steps before `mid` compute unmasked S_{j+1}
     carry = (o, m, l, alpha, p)
@@ -386,13 +425,14 @@ def _consumer_rotated(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_
     acquire()
 
     def pv_last(acc):
+        _pv_init(acc, o, alpha, o_in_acc)
         plgpu.wgmma(acc, p_operand(p), v_smem.at[slot])
         hand_over()
         return acc[...]                                    # wait_n=0
 
     pv = pl.run_scoped(pv_last, plgpu.ACC((_ROWS, D), jnp.float32))
     plgpu.barrier_arrive(v_free.at[slot])
-    o = o * alpha[:, None] + pv
+    o = _pv_result(pv, o, alpha, o_in_acc)
     if pingpong:
         @pl.when(wg == 0)
         def _last_token():                                 # consumer 1's final hand-over
@@ -402,7 +442,7 @@ def _consumer_rotated(q_tile, k_smem, v_smem, p_smem, k_full, v_full, k_free, v_
 
 def mosaic_flash_fwd(q, k, v, st: AttnStatic, *, interpret: bool, num_slots: int = 2,
                      p_via_smem: bool | None = None, schedule: str = "serial",
-                     detect_races: bool = False):
+                     detect_races: bool = False, o_in_acc: bool | None = None):
     """q [B, Tq_pad, Hq, D], k/v [B, Tk_pad, Hkv, D] (padded) -> (o like q, lse2 [B, Hq, Tq_pad]).
 
     Args:
@@ -415,12 +455,22 @@ def mosaic_flash_fwd(q, k, v, st: AttnStatic, *, interpret: bool, num_slots: int
         ``"overlap"`` (intra-warpgroup: ``Q K_{j+1}^T`` issued before ``softmax(S_j)``'s
         ``P_j V_j`` is awaited), ``"pingpong"`` (the two consumers' GEMM issues alternate)
         or ``"overlap+pingpong"``.
+      o_in_acc: keep the running output in the ``P V`` wgmma accumulator (rescaled by
+        ``alpha`` and accumulated into in place) instead of in a separate register tile that
+        the fresh ``P V`` result is added to; ``None`` picks in place when compiled and the
+        separate tile in interpret mode (the only option there: the interpreter does not
+        simulate accumulator stores).
       detect_races: interpret mode only: run the interpreter's happens-before race detector
         (``InterpretGPUParams(detect_races=True)``; races are reported by
         ``jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call.get_races()``).
     """
     if p_via_smem is None:
         p_via_smem = bool(interpret)
+    if o_in_acc is None:
+        o_in_acc = not interpret
+    if interpret and o_in_acc:
+        raise ValueError("Mosaic GPU interpret mode does not simulate stores into a wgmma "
+                         "accumulator: o_in_acc=True can only run compiled on a GPU")
     _check(q, k, v, st, num_slots, interpret, p_via_smem, schedule)
     if detect_races and not interpret:
         raise ValueError("detect_races=True needs interpret=True (it is a feature of Mosaic GPU "
@@ -453,7 +503,7 @@ def mosaic_flash_fwd(q, k, v, st: AttnStatic, *, interpret: bool, num_slots: int
         it = iter(refs)
         refs = [next(it) if here else None for here in present]
         _fwd_body(q_ref, k_ref, v_ref, o_ref, lse_ref, *refs, st=st, num_slots=S,
-                  schedule=schedule)
+                  schedule=schedule, o_in_acc=o_in_acc)
 
     body.__name__ = "mosaic_flash_fwd"
     kernel = plgpu.kernel(
