@@ -315,6 +315,10 @@ def _run(cfg, run_dir, log, t_start) -> dict:
         "train_time_s": train_time, "sample_time_s": sample_time, "wall_time_s": time.perf_counter() - t_start,
         "resumed_from_step": start_step, "state_sha256": fingerprint,
     }
+    if cfg.eval.fid_num_samples > 0:
+        metrics.update(fid_stage(cfg, run_dir, log, method=method, model_fn=g_model, params=sample_params,
+                                 shape=(h, w, channels), num_classes=num_classes, conditional=conditional,
+                                 pixel_max=pixel_max, opts=opts))
     if jax.process_index() == 0:
         np.savez_compressed(os.path.join(run_dir, "samples.npz"), images=imgs, labels=np.asarray(ys))
         save_rgb_grid(os.path.join(run_dir, "samples.png"), imgs, columns=sc.grid_columns)
@@ -322,6 +326,50 @@ def _run(cfg, run_dir, log, t_start) -> dict:
     log.info(f"final loss {final_loss}; {sc.num_images} samples ({sc.sampler}, {int(nfe)} NFE) -> samples.png; "
              f"wall time {metrics['wall_time_s']:.1f}s")
     return metrics
+
+
+def to_uint8(x, pixel_max: float):
+    """Model-space samples in [-1, 1] -> uint8 pixels (0..255), on device."""
+    x = jnp.clip((x.astype(jnp.float32) + 1.0) * (pixel_max / 2.0), 0.0, pixel_max) * (255.0 / pixel_max)
+    return jnp.rint(x).astype(jnp.uint8)
+
+
+def fid_stage(cfg, run_dir, log, *, method, model_fn, params, shape, num_classes: int, conditional: bool,
+              pixel_max: float, opts: dict) -> dict:
+    """``eval.fid_num_samples`` samples as resumable, device-sharded shards in ``<run_dir>/fid_samples``
+    (a rerun after an interruption generates only the missing shards); with ``eval.inception_weights``
+    and ``eval.fid_reference`` also their FID and Inception Score."""
+    from research.eval.fid_sampling import generate_samples, load_samples
+
+    ec, sc = cfg.eval, cfg.sample
+
+    def sample_fn(key, n, p):
+        k_y, k_x = jax.random.split(key)
+        y = jax.random.randint(k_y, (n,), 0, num_classes) if conditional else jnp.full((n,), num_classes, jnp.int32)
+        x, _ = method.sample(model_fn, p, k_x, (n, *shape), sampler=sc.sampler, num_steps=sc.num_steps, cond=y,
+                             **opts)
+        return to_uint8(x, pixel_max)
+
+    out_dir = os.path.join(run_dir, "fid_samples")
+    t0 = time.perf_counter()
+    res = generate_samples(sample_fn, num_samples=int(ec.fid_num_samples), batch_size=int(ec.fid_batch_size),
+                           out_dir=out_dir, seed=int(cfg.seed) + 1, args=(params,))
+    out = {"fid_samples_dir": out_dir, "fid_num_samples": int(ec.fid_num_samples),
+           "fid_shards_generated": len(res.generated), "fid_shards_resumed": len(res.skipped),
+           "fid_sample_time_s": time.perf_counter() - t0}
+    log.info(f"FID samples: {ec.fid_num_samples} in {len(res.paths)} shards under {out_dir} "
+             f"({len(res.skipped)} already present)")
+    if ec.inception_weights:
+        from research.eval.fid import fid_from_images
+        from research.eval.inception import load_weights
+
+        r = fid_from_images(load_samples(out_dir), ec.fid_reference, load_weights(ec.inception_weights),
+                            batch_size=int(ec.inception_batch_size))
+        out.update({"fid": r["fid"], "inception_score": r["inception_score"],
+                    "inception_score_std": r["inception_score_std"]})
+        log.info(f"FID {r['fid']:.3f}, IS {r['inception_score']:.3f} +- {r['inception_score_std']:.3f} "
+                 f"({r['num_images']} samples)")
+    return out
 
 
 def main(argv=None) -> dict:

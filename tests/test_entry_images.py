@@ -102,13 +102,26 @@ def test_resume_is_bitwise_identical(smoke_runs, cifar_root, tmp_path):
         np.testing.assert_array_equal(za["images"], zb["images"])
 
 
-def test_digits_through_the_same_pipeline(tmp_path):
-    m = exp.main(_args(CONFIGS["cifar10_edm"], tmp_path, "data.name=digits", "data.augment=()",
-                       "train.num_steps=3", "model.patch_size=2"))
+def test_digits_through_the_same_pipeline_and_fid_samples(tmp_path):
+    """The embedded digits through the Grain loader; the FID sample shards (12 samples in shards of 8:
+    sizes 8 + 4) are written once, and a rerun (training already done) resumes them instead of
+    regenerating: same files, no shard generated."""
+    args = _args(CONFIGS["cifar10_edm"], tmp_path, "data.name=digits", "data.augment=()", "train.num_steps=3",
+                 "model.patch_size=2", "eval.fid_num_samples=12", "eval.fid_batch_size=8")
+    m = exp.main(args)
     assert m["dataset"] == "digits" and m["steps"] == 3 and np.isfinite(m["final_loss"])
     with np.load(tmp_path / "samples.npz") as z:
         assert z["images"].shape == (10, 8, 8, 1)
     assert os.path.isfile(tmp_path / "checkpoints" / "3" / "data_state.json")
+    from research.eval.fid_sampling import load_samples
+
+    assert (m["fid_shards_generated"], m["fid_shards_resumed"]) == (2, 0)
+    first = load_samples(m["fid_samples_dir"])
+    assert first.shape == (12, 8, 8, 1) and first.dtype == np.uint8 and first.std() > 0
+    os.remove(os.path.join(m["fid_samples_dir"], "samples_000001.npz"))   # an interrupted FID stage
+    m2 = exp.main(args)
+    assert (m2["fid_shards_generated"], m2["fid_shards_resumed"]) == (1, 1) and m2["resumed_from_step"] == 3
+    np.testing.assert_array_equal(load_samples(m2["fid_samples_dir"]), first)
 
 
 def test_missing_data_root_is_one_line_error(tmp_path, capsys):

@@ -102,8 +102,14 @@ def images_config(preset: str) -> ml_collections.ConfigDict:
     c.sample.guidance = 1.0  # classifier-free guidance weight (1: none)
 
     c.eval = ml_collections.ConfigDict()
-    # set >0 to sample for FID with experiments/eval_fid.py
+    # FID: >0 writes that many samples (EMA params, random labels if conditional, the sample.* sampler)
+    # as resumable shards to <run_dir>/fid_samples (research.eval.fid_sampling); 50_000 for the paper numbers
     c.eval.fid_num_samples = 0
+    c.eval.fid_batch_size = 8 if smoke else 500  # per call, split over all devices
+    # both set: FID + Inception Score of those samples go into metrics.json (else: experiments/eval_fid.py fid)
+    c.eval.inception_weights = ""  # pytorch-fid's .pth or its converted .npz (a local file; never downloaded)
+    c.eval.fid_reference = ""      # reference statistics .npz (experiments/eval_fid.py stats, or pytorch-fid's)
+    c.eval.inception_batch_size = 50
     return c
 
 
@@ -125,6 +131,9 @@ def validate_images(c: ml_collections.ConfigDict) -> None:
     check(not bad, f"data.augment: unknown augmentation(s) {bad}; known: {list(AUGMENTATIONS)}")
     check_positive(c, "data.worker_count", "train.stop_at_step", "train.warmup_steps", "train.weight_decay",
                    "train.clip_norm", "train.ema_half_life_images", "eval.fid_num_samples", allow_zero=True)
+    check_positive(c, "eval.fid_batch_size", "eval.inception_batch_size")
+    check(bool(c.eval.inception_weights) == bool(c.eval.fid_reference),
+          "eval.inception_weights and eval.fid_reference go together: set both (FID in metrics.json) or neither")
     check_positive(c, "model.patch_size", "model.hidden_size", "model.depth", "model.num_heads", "model.mlp_ratio",
                    "train.num_steps", "train.batch_size", "train.learning_rate", "train.log_every",
                    "train.checkpoint_every", "train.keep_checkpoints", "sample.num_images", "sample.grid_columns",

@@ -54,9 +54,11 @@ def write_shard(out_dir, index: int, images) -> str:
     return path
 
 
-def make_sharded_sampler(sample_fn: Callable, batch_size: int, mesh, axis: str = "data") -> Callable:
-    """``jit(key -> sample_fn(key, batch_size))`` with the output's batch axis split over ``axis``
-    of ``mesh``. Checks (abstractly, before compiling) that the output is uint8 [batch_size, H, W, C]."""
+def make_sharded_sampler(sample_fn: Callable, batch_size: int, mesh, axis: str = "data", args=()) -> Callable:
+    """``jit((key, *args) -> sample_fn(key, batch_size, *args))`` with the output's batch axis split
+    over ``axis`` of ``mesh``; ``args`` (e.g. the params) are passed as arguments, not baked into
+    the program as constants. Checks (abstractly, before compiling) that the output is uint8
+    [batch_size, H, W, C]."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -66,8 +68,8 @@ def make_sharded_sampler(sample_fn: Callable, batch_size: int, mesh, axis: str =
     if batch_size % ndev:
         raise ValueError(f"batch_size {batch_size} must be divisible by the {ndev} devices on mesh "
                          f"axis {axis!r}")
-    fn = lambda key: sample_fn(key, batch_size)  # noqa: E731
-    out = jax.eval_shape(fn, jax.random.key(0))
+    fn = lambda key, *a: sample_fn(key, batch_size, *a)  # noqa: E731
+    out = jax.eval_shape(fn, jax.random.key(0), *args)
     ok = hasattr(out, "dtype") and out.dtype == np.uint8 and len(out.shape) == 4
     if not ok or out.shape[0] != batch_size:
         got = f"{out.dtype} {tuple(out.shape)}" if hasattr(out, "dtype") else type(out).__name__
@@ -91,9 +93,10 @@ def _check_manifest(out_dir: str, manifest: dict) -> None:
 
 
 def generate_samples(sample_fn: Callable, *, num_samples: int, batch_size: int, out_dir, seed: int,
-                     mesh=None, axis: str = "data") -> GeneratedSamples:
+                     mesh=None, axis: str = "data", args=()) -> GeneratedSamples:
     """Writes ``ceil(num_samples / batch_size)`` shards of ``batch_size`` samples (the last shard
-    truncated) under ``out_dir``; see the module docstring. Returns the shard paths and which
+    truncated) under ``out_dir``; see the module docstring. ``sample_fn(key, n, *args)``: pass
+    large inputs (the model's params) through ``args``. Returns the shard paths and which
     shards this call generated / skipped."""
     import jax
 
@@ -110,7 +113,7 @@ def generate_samples(sample_fn: Callable, *, num_samples: int, batch_size: int, 
         mesh = make_mesh({axis: -1})
     out_dir = os.fspath(out_dir)
     num_shards = -(-num_samples // batch_size)
-    gen = make_sharded_sampler(sample_fn, batch_size, mesh, axis)  # validates before touching disk
+    gen = make_sharded_sampler(sample_fn, batch_size, mesh, axis, args)  # validates before touching disk
     os.makedirs(out_dir, exist_ok=True)
     _check_manifest(out_dir, {"num_samples": int(num_samples), "batch_size": int(batch_size),
                               "seed": int(seed), "num_shards": num_shards})
@@ -123,7 +126,7 @@ def generate_samples(sample_fn: Callable, *, num_samples: int, batch_size: int, 
             skipped.append(i)
             continue
         n = min(batch_size, num_samples - i * batch_size)
-        images = np.asarray(gen(jax.random.fold_in(root, i)))[:n]
+        images = np.asarray(gen(jax.random.fold_in(root, i), *args))[:n]
         write_shard(out_dir, i, images)
         generated.append(i)
     return GeneratedSamples([shard_path(out_dir, i) for i in range(num_shards)], generated, skipped)
