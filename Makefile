@@ -14,7 +14,8 @@ ISA_TESTS ?= tests/test_loss_scale.py tests/test_optim.py tests/test_train_step.
 	tests/test_checkpoint_verify.py tests/test_model_state.py tests/test_multi_step.py tests/test_sharding.py \
 	tests/test_torch_parity.py tests/test_samplers.py tests/test_sampling_sigma.py tests/test_methods.py \
 	tests/test_lm.py tests/test_train_lm.py tests/test_medusa.py tests/test_vq.py tests/test_gan.py \
-	tests/test_contrastive.py tests/test_margin.py tests/test_set_prediction.py
+	tests/test_contrastive.py tests/test_margin.py tests/test_set_prediction.py tests/test_fid.py \
+	tests/test_fid_sampling.py tests/test_tpu_attention.py
 ISA ?= AVX
 
 .PHONY: venv demo test test-isa ci clean
