@@ -32,6 +32,8 @@ import json
 import math
 import os
 import platform
+import re
+import resource
 import statistics
 import sys
 import time
@@ -42,9 +44,30 @@ if __package__ in (None, ""):  # `python experiments/bench_train_step.py` from t
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 IMPLS = ("jax", "torch_eager", "torch_compile")
-# opt-in extra: the JAX step with Flax's plain Dense matmul (autodiff weight gradients), i.e. without
-# research.nn.layers.dense_dot_general -- the state before the CPU fix, for a before/after in one run
-EXTRA_IMPLS = ("jax_autodiff_dense",)
+# opt-in JAX variants (--impls), each timed interleaved with the others for an in-process A/B against
+# `jax`; the value overrides build_jax's arguments:
+#   jax_autodiff_dense: Flax's plain Dense matmul (autodiff weight gradients), i.e. without
+#     research.nn.layers.dense_dot_general -- the state before the CPU fix
+#   jax_scanned / jax_unscanned: DiT(scan_blocks=True / False) whatever --jax-scan-blocks says
+#   jax_scan_loop: scanned blocks as a while loop, nn.scan(unroll=1): the bench's `jax` before 2026-12-02
+#   jax_unroll2 / jax_unroll_full: scanned blocks with nn.scan(unroll=2 / depth) (same param layout;
+#     unroll=depth is the `jax` default since 2026-12-02, --jax-scan-unroll)
+#   jax_flatten_adam: clip + Adam moments on one flat vector (optax.flatten), decay mask per leaf
+JAX_VARIANTS: dict[str, dict] = {
+    "jax_autodiff_dense": dict(plain_dense=True),
+    "jax_scanned": dict(scan_blocks=True),
+    "jax_unscanned": dict(scan_blocks=False),
+    "jax_scan_loop": dict(scan_blocks=True, scan_unroll=1),
+    "jax_unroll2": dict(scan_blocks=True, scan_unroll=2),
+    "jax_unroll_full": dict(scan_blocks=True, scan_unroll="full"),
+    "jax_flatten_adam": dict(flatten_adam=True),
+}
+EXTRA_IMPLS = tuple(JAX_VARIANTS)
+TARGET_EAGER, TARGET_COMPILE, TARGET_ROOFLINE = 1.3, 1.1, 1.5
+# set for --cpu-cores 1 unless --xla-flags / XLA_FLAGS name it: with one core XLA's thunk executor cannot run
+# thunks concurrently, and the concurrency-optimized schedule only costs memory and CPU there (cpu-medium,
+# 2026-12-02: -8 % CPU time per step, -15 % peak memory)
+SINGLE_CORE_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 H100_BF16_DENSE_FLOPS = 989e12
 
 # name -> (DiT kwargs, batch size). cpu-small has the digits' shape (8x8x1, 16 tokens) at hidden 128,
@@ -94,8 +117,26 @@ class Runner:
     info: dict
 
 
+def make_flat_adam_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float,
+                             clip_norm: float = 1.0):
+    """``research.train.optim.make_optimizer`` (default decay mask) with the global-norm clip and the
+    Adam moments computed on one flat vector (``optax.flatten``): one fused elementwise pass instead of
+    one per leaf. The decayed-weight mask and the recorded learning rate stay per leaf, so updates are
+    the same up to float32 rounding (tests/test_bench_train_step.py)."""
+    import optax
+
+    from research.train import optim
+
+    schedule = optim.warmup_cosine_schedule(learning_rate, warmup_steps=warmup_steps, total_steps=total_steps)
+    return optax.chain(
+        optax.flatten(optax.chain(optax.clip_by_global_norm(clip_norm), optax.scale_by_adam())),
+        optax.add_decayed_weights(weight_decay, mask=optim.default_decay_mask),
+        optim.scale_by_learning_rate_recorded(schedule))
+
+
 def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: int, scan_blocks: bool = True,
-              plain_dense: bool = False) -> Runner:
+              plain_dense: bool = False, scan_unroll: int | str = 1, flatten_adam: bool = False,
+              impl: str | None = None) -> Runner:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -109,8 +150,9 @@ def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: in
     dtype = jnp.bfloat16 if gpu else jnp.float32
     # jax: DiT(custom_matmul_vjp=True), the Dense weight-gradient fix for XLA:CPU (a no-op on GPU);
     # jax_autodiff_dense: Flax's plain Dense (autodiff of lax.dot_general), for the before/after.
+    unroll = model_kw["depth"] if scan_unroll == "full" else int(scan_unroll)
     model = DiT(**model_kw, num_classes=NUM_CLASSES, class_dropout_prob=CLASS_DROPOUT, attn_impl=attn_impl,
-                dtype=dtype, scan_blocks=scan_blocks, custom_matmul_vjp=not plain_dense)
+                dtype=dtype, scan_blocks=scan_blocks, custom_matmul_vjp=not plain_dense, scan_unroll=unroll)
     k_init, k_state = jax.random.split(jax.random.key(seed))
     params = jax.jit(lambda k: init_dit(model, k))(k_init)
     model_fn = make_model_fn(model)
@@ -118,7 +160,7 @@ def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: in
     def loss_fn(p, b, key):
         return rectified_flow_loss(model_fn, p, b["x"], key, cond=b["y"])
 
-    opt = make_optimizer(**HPARAMS)
+    opt = make_flat_adam_optimizer(**HPARAMS) if flatten_adam else make_optimizer(**HPARAMS)
     state = create_train_state(params, opt, k_state, ema=True)
     rng = np.random.default_rng(seed)
     s, c = model_kw["input_size"], model_kw["in_channels"]
@@ -152,8 +194,11 @@ def build_jax(model_kw: dict, batch: int, *, gpu: bool, attn_impl: str, seed: in
     # (XLA's cost_analysis is not used for FLOPs: it counts a scanned block's body once, not depth times)
     info = {"compile_s": compile_s, "dtype": "bfloat16" if gpu else "float32",
             "attn_impl": attn_impl, "scan_blocks": scan_blocks, "jax_backend": jax.default_backend(),
-            "dense_matmul": "lax.dot_general (autodiff)" if plain_dense else "dense_dot_general"}
-    return Runner("jax_autodiff_dense" if plain_dense else "jax", run, peak, info)
+            "dense_matmul": "lax.dot_general (autodiff)" if plain_dense else "dense_dot_general",
+            "scan_unroll": unroll if scan_blocks else None,
+            "optimizer": "flatten(clip+adam)+mask+lr" if flatten_adam else "clip+adamw (per leaf)"}
+    info["compiled"] = compiled  # for --profile (dropped from the records)
+    return Runner(impl or ("jax_autodiff_dense" if plain_dense else "jax"), run, peak, info)
 
 
 def _tensor_bytes(tensors) -> int:
@@ -286,6 +331,26 @@ def _xla_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def malloc_keep_freed_memory() -> bool:
+    """glibc malloc: one arena, no mmap, no trimming (``mallopt``; what
+    ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``
+    does at start-up), so a big buffer freed by one step is reused by the next instead of being
+    unmapped and page-faulted (and zeroed by the kernel) in again. XLA:CPU allocates the step's
+    temporaries (hundreds of MiB at cpu-medium) afresh each execution on a worker thread, whose glibc
+    arena cannot hold them, so by default they are mmapped: ~147k page faults and ~0.25 s of sys time
+    per cpu-medium step. Affects every allocation of the process (torch's too). Returns True on success
+    (False where there is no glibc). Call it before JAX and torch start their threads."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    return all(libc.mallopt(opt, val) == 1
+               for opt, val in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+
+
 def pin_cpu_cores(n: int) -> list[int]:
     """Restricts this process to ``n`` of its allowed cores: every existing thread and (inherited)
     every thread created later. The way to give XLA:CPU and torch the same number of cores."""
@@ -309,8 +374,74 @@ def _peak_flops(device: str, override_tflops: float | None) -> float | None:
     return None
 
 
+def _usage() -> dict:
+    """This process so far: CPU seconds (user + sys, and sys alone), voluntary and involuntary
+    context switches, minor page faults."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu": ru.ru_utime + ru.ru_stime, "sys": ru.ru_stime, "nvcsw": ru.ru_nvcsw, "nivcsw": ru.ru_nivcsw,
+            "minflt": ru.ru_minflt}
+
+
+def timed(fn: Callable[[], None]) -> dict:
+    """Runs ``fn`` once: wall seconds and the deltas of _usage (CPU seconds, context switches, faults)."""
+    u0 = _usage()
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    u1 = _usage()
+    return {"wall": wall, **{k: u1[k] - u0[k] for k in u0}}
+
+
+def gemm_shape(model_kw: dict, batch: int) -> tuple[int, int, int]:
+    """The step's largest GEMM, the MLP's first layer: [batch * tokens, hidden] x [hidden, 4 hidden]."""
+    n = (model_kw["input_size"] // model_kw["patch_size"]) ** 2
+    d = model_kw["hidden_size"]
+    return batch * n, d, 4 * d
+
+
+def measure_gemm(m: int, k: int, n: int, *, rounds: int = 5, target_s: float = 0.25) -> dict:
+    """f32 GEMM rate of jnp (jitted ``a @ b``) and torch (``torch.mm``) at [m, k] x [k, n], interleaved
+    (jax, torch, jax, ...) in this process, so on the cores and threads the train steps get.
+    GFLOP/s is the best round by wall time and by process CPU time (the latter ~ per-core rate)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    mm = jax.jit(jnp.matmul)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    fns = {"jax": lambda: mm(ja, jb).block_until_ready(), "torch": lambda: torch.mm(ta, tb)}
+    flops = 2.0 * m * k * n
+    iters = {}
+    for fw, f in fns.items():
+        f()
+        t = timed(f)["wall"]
+        iters[fw] = max(2, int(target_s / max(t, 1e-6)))
+    best = {fw: {"wall": 0.0, "cpu": 0.0} for fw in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for fw, f in fns.items():
+                def loop(f=f, it=iters[fw]):
+                    for _ in range(it):
+                        f()
+                u = timed(loop)
+                best[fw]["wall"] = max(best[fw]["wall"], flops * iters[fw] / u["wall"] / 1e9)
+                best[fw]["cpu"] = max(best[fw]["cpu"], flops * iters[fw] / max(u["cpu"], 1e-9) / 1e9)
+    return {"shape": [m, k, n], "jax_gflops": best["jax"]["wall"], "torch_gflops": best["torch"]["wall"],
+            "jax_gflops_cpu": best["jax"]["cpu"], "torch_gflops_cpu": best["torch"]["cpu"]}
+
+
+def _framework(impl: str) -> str:
+    return "torch" if impl.startswith("torch") else "jax"
+
+
 def bench_config(name: str, impls, *, gpu: bool, repeats: int, target_s: float, attn_impl: str, seed: int,
-                 device: str, peak_flops: float | None, scan_blocks: bool = True, log=print) -> list[dict]:
+                 device: str, peak_flops: float | None, scan_blocks: bool = True, scan_unroll: int | str = 1,
+                 log=print,
+                 gemm: bool = True, profile: str | None = None, profile_steps: int = 2) -> list[dict]:
     model_kw, batch = PRESETS[name]
     flops = count_flops(model_kw, batch)
     runners: dict[str, Runner] = {}
@@ -318,9 +449,9 @@ def bench_config(name: str, impls, *, gpu: bool, repeats: int, target_s: float, 
     for impl in impls:
         t0 = time.perf_counter()
         try:
-            if impl in ("jax", "jax_autodiff_dense"):
-                r = build_jax(model_kw, batch, gpu=gpu, attn_impl=attn_impl, seed=seed, scan_blocks=scan_blocks,
-                              plain_dense=impl == "jax_autodiff_dense")
+            if impl == "jax" or impl in JAX_VARIANTS:
+                kw = {"scan_blocks": scan_blocks, "scan_unroll": scan_unroll, **JAX_VARIANTS.get(impl, {})}
+                r = build_jax(model_kw, batch, gpu=gpu, attn_impl=attn_impl, seed=seed, impl=impl, **kw)
             else:
                 r = build_torch(model_kw, batch, gpu=gpu, compile=impl == "torch_compile", seed=seed)
             r.run(2)  # warm-up
@@ -337,32 +468,218 @@ def bench_config(name: str, impls, *, gpu: bool, repeats: int, target_s: float, 
         dt = time.perf_counter() - t0
         n_steps[impl] = max(2, min(1000, int(math.ceil(target_s / max(dt, 1e-6)))))
     times: dict[str, list[float]] = {impl: [] for impl in runners}
+    usage: dict[str, list[dict]] = {impl: [] for impl in runners}
     for _ in range(repeats):  # interleaved
         for impl, r in runners.items():
-            t0 = time.perf_counter()
-            r.run(n_steps[impl])
-            times[impl].append(n_steps[impl] / (time.perf_counter() - t0))
+            u = timed(lambda: r.run(n_steps[impl]))
+            times[impl].append(n_steps[impl] / u["wall"])
+            usage[impl].append({k: v / n_steps[impl] for k, v in u.items()})  # per step
+    gemm_rates = None
+    if gemm and not gpu and runners:
+        gemm_rates = measure_gemm(*gemm_shape(model_kw, batch))
+        log(f"  [{name}] f32 GEMM {gemm_rates['shape']}: jax {gemm_rates['jax_gflops']:.1f} GFLOP/s "
+            f"({gemm_rates['jax_gflops_cpu']:.1f} per CPU-s), torch {gemm_rates['torch_gflops']:.1f} "
+            f"({gemm_rates['torch_gflops_cpu']:.1f})")
     records = []
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     cfg = {"name": name, "model": model_kw, "batch_size": batch, "precision": "bf16" if gpu else "fp32",
            "torch_threads": _torch_threads(), "xla_cpu_threads": None if gpu else _xla_threads(),
            "cpu_cores": len(os.sched_getaffinity(0)), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "load_average": os.getloadavg()[0]}
+           "load_average": os.getloadavg()[0], "load_average_1_5_15": list(os.getloadavg()),
+           "gemm": gemm_rates}
     for impl in impls:
         rec = {"impl": impl, "device": device, "config": cfg, "steps_per_s": None, "peak_bytes": None,
                "date": date, "model_flops_per_step": flops["train_step"]}
         if impl in runners:
             r = runners[impl]
             sps = statistics.median(times[impl])
+            cpu = [u["cpu"] for u in usage[impl]]
             rec.update(steps_per_s=sps, ms_per_step=1000.0 / sps, steps_per_s_repeats=times[impl],
-                       steps_per_repeat=n_steps[impl], **r.info)
+                       steps_per_repeat=n_steps[impl],
+                       cpu_s_per_step=statistics.median(cpu), cpu_s_per_step_repeats=cpu,
+                       nvcsw_per_step=statistics.median(u["nvcsw"] for u in usage[impl]),
+                       nivcsw_per_step=statistics.median(u["nivcsw"] for u in usage[impl]),
+                       sys_s_per_step=statistics.median(u["sys"] for u in usage[impl]),
+                       minflt_per_step=statistics.median(u["minflt"] for u in usage[impl]),
+                       **{k: v for k, v in r.info.items() if k != "compiled"})
+            if gemm_rates:  # the step against its matmul roofline at the framework's own GEMM rate
+                fw = _framework(impl)
+                rec["roofline_s"] = flops["train_step"] / (gemm_rates[f"{fw}_gflops"] * 1e9)
+                rec["x_roofline"] = (1.0 / sps) / rec["roofline_s"]
+                rec["x_roofline_cpu"] = rec["cpu_s_per_step"] / (
+                    flops["train_step"] / (gemm_rates[f"{fw}_gflops_cpu"] * 1e9))
             rec.update(r.peak_bytes())
             rec["achieved_tflops"] = flops["train_step"] * sps / 1e12
             rec["mfu"] = flops["train_step"] * sps / peak_flops if peak_flops else None
+            if profile and _framework(impl) == "jax":
+                rec["profile"] = profile_breakdown(r, profile_steps, os.path.join(profile, f"{name}_{impl}"))
         else:
             rec["error"] = errors[impl]
         records.append(rec)
     return records
+
+
+_HLO_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
+
+
+def _parse_hlo(text: str) -> tuple[dict[str, dict], dict[str, set]]:
+    """Instructions of an optimized HLO module: name -> {opcode, kind, calls, op_name}, and per
+    computation the set of opcodes it contains."""
+    instrs: dict[str, dict] = {}
+    comps: dict[str, set] = {}
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
+        if head and "=" not in line.split("(")[0]:
+            current = head.group(1)
+            comps[current] = set()
+            continue
+        m = _HLO_INSTR.match(line)
+        if not m:
+            continue
+        name, opcode, rest = m.groups()
+        kind = re.search(r"kind=(k\w+)", rest)
+        calls = re.search(r"calls=%([\w.\-]+)", rest)
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        instrs[name] = {"opcode": opcode, "kind": kind.group(1) if kind else None,
+                        "calls": calls.group(1) if calls else None, "op_name": op_name.group(1) if op_name else "",
+                        "comp": current}
+        if current is not None:
+            comps[current].add(opcode)
+    return instrs, comps
+
+
+_MOVE_OPS = {"parameter", "copy", "transpose", "bitcast", "reshape", "constant", "broadcast", "slice", "concatenate"}
+
+
+def classify_hlo_op(name: str, instrs: dict, comps: dict) -> str:
+    """What an XLA:CPU thunk does: matmul, elementwise/reduce fusion, copy/transpose, scan slicing, ..."""
+    ins = instrs.get(name)
+    if ins is None:
+        return "other"
+    op = ins["opcode"]
+    if op in ("dot", "convolution"):
+        return "matmul (Eigen dot)"
+    if op == "custom-call":
+        return "custom-call"
+    if op in ("copy", "transpose"):
+        return "copy/transpose"
+    if op in ("dynamic-slice", "dynamic-update-slice"):
+        return "scan dynamic-(update-)slice"
+    if op in ("while", "conditional", "call"):
+        return "control flow"
+    if op != "fusion":
+        return f"other ({op})"
+    inner = set(comps.get(ins["calls"], set()))
+    if "dot" in inner or "convolution" in inner:
+        return "matmul (YNNPACK fusion)" if ins["kind"] == "kCustom" else "matmul (fusion)"
+    if inner & {"dynamic-update-slice", "dynamic-slice"}:
+        return "scan dynamic-(update-)slice"
+    if inner and inner <= _MOVE_OPS:
+        if inner & {"copy", "transpose"} or "copy" in name or "transpose" in name:
+            return "copy/transpose"
+        return "broadcast/fill/slice"
+    if "reduce" in inner:
+        return "reduction fusion"
+    return "elementwise loop fusion" + (" (YNNPACK)" if ins["kind"] == "kCustom" else "")
+
+
+def scope_of(op_name: str) -> str:
+    """Which part of the step an HLO op comes from, from its op_name metadata."""
+    bwd = "transpose(" in op_name
+    if "DiT" not in op_name:
+        if any(k in op_name for k in ("threefry", "_normal", "_uniform", "random")):
+            return "rng"
+        return "optimizer + EMA + loss (outside the model)"
+    path = [seg for seg in op_name.split("/") if seg and not any(
+        seg.startswith(x) for x in ("jit(", "jvp(", "transpose(", "while", "body", "eval_jaxpr", "closed_call",
+                                    "checkpoint", "remat", "cond", "pjit"))]
+    mods = path[:-1]  # the last segment is the primitive
+    if any(m in ("norm1", "norm2", "norm_final") for m in mods):
+        part = "LayerNorm"
+    elif any(m in ("q_norm", "k_norm") for m in mods):
+        part = "QK RMSNorm"
+    elif "adaLN_modulation" in mods:
+        part = "adaLN"
+    elif "mlp" in mods:
+        part = "MLP (fc1, GELU, fc2)"
+    elif "attn" in mods:
+        part = "attention (qkv, softmax, proj)"
+    elif mods and mods[-1] == "blocks":
+        part = "block: modulate / gate / residual"
+    else:
+        part = "embedders / final layer / other"
+    return part + (" [bwd]" if bwd else " [fwd]")
+
+
+def profile_breakdown(runner: "Runner", steps: int, logdir: str) -> dict:
+    """Traces ``steps`` train steps with jax.profiler and splits XLA:CPU's thunk self-time (summed over
+    its threads; nested thunks, e.g. a while loop's body, are not double counted) by what the thunks
+    do (classify_hlo_op) and where they come from in the model (scope_of)."""
+    import glob
+
+    import jax
+
+    with jax.profiler.trace(logdir):
+        runner.run(steps)
+    files = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    pd = jax.profiler.ProfileData.from_file(files[-1])
+    instrs, comps = _parse_hlo(runner.info["compiled"].as_text())
+    by_kind: dict[str, float] = {}
+    by_scope: dict[str, float] = {}
+    by_scope_kind: dict[str, float] = {}
+    top: dict[str, float] = {}
+    total = 0.0
+    for plane in pd.planes:
+        if not plane.name.startswith("/host"):
+            continue
+        for line in plane.lines:
+            evs = []
+            for e in line.events:
+                stats = dict(e.stats)
+                if "hlo_op" in stats and e.duration_ns > 0:
+                    evs.append((e.start_ns, e.start_ns + e.duration_ns, stats["hlo_op"]))
+            evs.sort(key=lambda t: (t[0], -t[1]))
+            stack: list[list] = []  # [end, name, self_ns]
+
+            def close(item):
+                nonlocal total
+                _, nm, self_ns = item
+                kind = classify_hlo_op(nm, instrs, comps)
+                scope = scope_of(instrs.get(nm, {}).get("op_name", ""))
+                by_kind[kind] = by_kind.get(kind, 0.0) + self_ns
+                by_scope[scope] = by_scope.get(scope, 0.0) + self_ns
+                by_scope_kind[f"{scope} | {kind}"] = by_scope_kind.get(f"{scope} | {kind}", 0.0) + self_ns
+                top[nm] = top.get(nm, 0.0) + self_ns
+                total += self_ns
+
+            for start, end, nm in evs:
+                while stack and stack[-1][0] <= start:
+                    close(stack.pop())
+                if stack:
+                    stack[-1][2] -= min(end, stack[-1][0]) - start
+                stack.append([end, nm, end - start])
+            while stack:
+                close(stack.pop())
+    per_step = lambda d: {k: v / steps / 1e6 for k, v in sorted(d.items(), key=lambda kv: -kv[1])}  # noqa: E731
+    return {"steps": steps, "thunk_ms_per_step": total / steps / 1e6, "by_kind_ms": per_step(by_kind),
+            "by_scope_ms": per_step(by_scope), "by_scope_kind_ms": per_step(by_scope_kind),
+            "top_ops_ms": dict(list(per_step(top).items())[:15]),
+            "top_ops_kind": {k: classify_hlo_op(k, instrs, comps) for k in list(per_step(top))[:15]}}
+
+
+def format_profile(prof: dict, title: str) -> str:
+    tot = prof["thunk_ms_per_step"]
+    lines = [f"Profile of {title}: XLA thunk self-time {tot:.1f} ms per step ({prof['steps']} steps traced)", "",
+             "| kind | ms/step | share |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {100 * v / tot:.1f}% |" for k, v in prof["by_kind_ms"].items()]
+    lines += ["", "| part of the step | ms/step | share |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {100 * v / tot:.1f}% |" for k, v in prof["by_scope_ms"].items()]
+    lines += ["", "| part \\| kind (top 25) | ms/step | share |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {100 * v / tot:.1f}% |" for k, v in list(prof["by_scope_kind_ms"].items())[:25]]
+    lines += ["", "| top HLO ops | kind | ms/step |", "|---|---|---|"]
+    lines += [f"| {k} | {prof['top_ops_kind'][k]} | {v:.1f} |" for k, v in prof["top_ops_ms"].items()]
+    return "\n".join(lines)
 
 
 def paired_ratio(a: dict | None, b: dict | None) -> float | None:
@@ -372,39 +689,68 @@ def paired_ratio(a: dict | None, b: dict | None) -> float | None:
     return statistics.median(x / y for x, y in zip(a["steps_per_s_repeats"], b["steps_per_s_repeats"]))
 
 
+def paired_cpu_ratio(a: dict | None, b: dict | None) -> float | None:
+    """Median over rounds of ``b``'s CPU-seconds per step over ``a``'s (> 1: ``a`` needs less CPU)."""
+    if not a or not b or not a.get("cpu_s_per_step_repeats") or not b.get("cpu_s_per_step_repeats"):
+        return None
+    return statistics.median(y / x for x, y in zip(a["cpu_s_per_step_repeats"], b["cpu_s_per_step_repeats"]))
+
+
 def format_table(records: list[dict]) -> str:
     def mib(b):
         return f"{b / 2**20:.1f}" if b else "-"
 
-    lines = ["| config | impl | steps/s | ms/step | peak MiB | TFLOP/s | MFU | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    def num(x, fmt):
+        return format(x, fmt) if x is not None else "-"
+
+    lines = ["| config | impl | steps/s | ms/step | CPU ms/step (sys) | vol / invol csw per step | page faults "
+             "per step | peak MiB | TFLOP/s | x roofline (wall / CPU) | MFU | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r.get("error"):
-            lines.append(f"| {r['config']['name']} | {r['impl']} | - | - | - | - | - | error: {r['error']} |")
+            lines.append(f"| {r['config']['name']} | {r['impl']} | - | - | - | - | - | - | - | - | - | "
+                         f"error: {r['error']} |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         note = f"compile {r['compile_s']:.1f}s" if r.get("compile_s") else ""
+        cpu_ms = 1000 * r["cpu_s_per_step"] if r.get("cpu_s_per_step") is not None else None
+        roof = "-"
+        if r.get("x_roofline"):
+            ok = "ok" if r["x_roofline_cpu"] <= TARGET_ROOFLINE else "ABOVE"
+            roof = f"{r['x_roofline']:.2f} / {r['x_roofline_cpu']:.2f} {ok}"
+        csw = (f"{r['nvcsw_per_step']:.0f} / {r['nivcsw_per_step']:.1f}" if r.get("nvcsw_per_step") is not None
+               else "-")
+        sys_ms = 1000 * r["sys_s_per_step"] if r.get("sys_s_per_step") is not None else None
         lines.append(f"| {r['config']['name']} | {r['impl']} | {r['steps_per_s']:.2f} | {r['ms_per_step']:.1f} | "
-                     f"{mib(r['peak_bytes'])} | {r['achieved_tflops']:.3g} | {mfu} | {note} |")
-    with_plain = any(r["impl"] == "jax_autodiff_dense" for r in records)
-    lines += ["", "Ratios of steps/s: median over the interleaved rounds of the per-round ratio (the rounds of one "
-              "impl and the next run back to back, so they share the machine's load); in brackets the ratio of "
-              "the medians.", "",
-              "| config | jax / torch_eager (target >= 1.5) | jax / torch_compile (target >= 1.1) |"
-              + (" jax / jax_autodiff_dense |" if with_plain else ""),
-              "|---|---|---|" + ("---|" if with_plain else "")]
+                     f"{num(cpu_ms, '.1f')} ({num(sys_ms, '.1f')}) | {csw} | {num(r.get('minflt_per_step'), '.0f')} | "
+                     f"{mib(r['peak_bytes'])} | {r['achieved_tflops']:.3g} | "
+                     f"{roof} | {mfu} | {note} |")
     by_cfg: dict[str, dict[str, Any]] = {}
     for r in records:
         by_cfg.setdefault(r["config"]["name"], {})[r["impl"]] = r
+    extras = [i for i in EXTRA_IMPLS if any(r["impl"] == i for r in records)]
+    lines += ["", "Ratios (jax / other; > 1: jax faster): median over the interleaved rounds of the per-round ratio "
+              "of steps/s (the rounds of one impl and the next run back to back, so they share the machine's load); "
+              "in brackets the same ratio of CPU-seconds per step (other / jax), less sensitive to other processes "
+              f"on a pinned core. Targets: eager >= {TARGET_EAGER}, compile >= {TARGET_COMPILE}; roofline: step "
+              f"CPU time within {TARGET_ROOFLINE}x of counted FLOPs / the same-run GEMM rate.", "",
+              f"| config | load avg (1/5/15) | GEMM GFLOP/s jax / torch | jax / torch_eager | jax / torch_compile |"
+              + "".join(f" jax / {e} |" for e in extras),
+              "|---|---|---|---|---|" + "---|" * len(extras)]
     for name, d in by_cfg.items():
         def ratio(other, target=None):
             p = paired_ratio(d.get("jax"), d.get(other))
             if p is None:
                 return "-"
-            q = d["jax"]["steps_per_s"] / d[other]["steps_per_s"]
-            return f"{p:.2f}x" + ("" if target is None else f" {'ok' if p >= target else 'BELOW'}") + f" ({q:.2f}x)"
-        lines.append(f"| {name} | {ratio('torch_eager', 1.5)} | {ratio('torch_compile', 1.1)} |"
-                     + (f" {ratio('jax_autodiff_dense')} |" if with_plain else ""))
+            c = paired_cpu_ratio(d.get("jax"), d.get(other))
+            return (f"{p:.2f}x" + ("" if target is None else f" {'ok' if p >= target else 'BELOW'}")
+                    + (f" ({c:.2f}x)" if c is not None else ""))
+        cfg = next(iter(d.values()))["config"]
+        load = "/".join(f"{x:.1f}" for x in cfg.get("load_average_1_5_15") or [cfg.get("load_average", 0)])
+        g = cfg.get("gemm")
+        gtxt = f"{g['jax_gflops']:.1f} / {g['torch_gflops']:.1f}" if g else "-"
+        lines.append(f"| {name} | {load} | {gtxt} | {ratio('torch_eager', TARGET_EAGER)} | "
+                     f"{ratio('torch_compile', TARGET_COMPILE)} |" + "".join(f" {ratio(e)} |" for e in extras))
     return "\n".join(lines)
 
 
@@ -422,12 +768,27 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--jax-scan-blocks", type=int, choices=(0, 1), default=1,
                    help="JAX DiT scan_blocks (1, the flagship default: nn.scan over blocks; 0: unrolled)")
+    p.add_argument("--jax-scan-unroll", default=None, choices=("1", "2", "full"),
+                   help="with scanned blocks: nn.scan(unroll=...) of the jax impl (default: full on CPU -- the "
+                        "scan's stacked parameter layout without the loop's per-step slicing, measured 20-29 %% "
+                        "less CPU time; 1 on GPU; 1 = a while loop, the CPU default before 2026-12-02)")
     p.add_argument("--xla-single-thread", action="store_true",
                    help="CPU: --xla_cpu_multi_thread_eigen=false (Eigen kernels on one thread; XLA's YNNPACK "
                         "dots and concurrent thunks still use one thread per core: use --cpu-cores for equal cores)")
     p.add_argument("--cpu-cores", type=int, default=None,
                    help="pin the whole process (JAX and torch) to this many cores, e.g. 1 with --torch-threads 1 "
                         "for an equal-resources comparison")
+    p.add_argument("--xla-flags", default="",
+                   help="extra XLA flags (appended to XLA_FLAGS before JAX starts; process-wide, so A/B them in "
+                        "separate invocations)")
+    p.add_argument("--no-gemm", action="store_true", help="CPU: skip the same-run GEMM rate (roofline column)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, trace --profile-steps steps of the jax impl(s) with jax.profiler into DIR "
+                        "and print the split of XLA's thunk time by kind (matmul, loop fusion, copy, ...)")
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                   help="CPU: 'reuse' (default) keeps freed memory in glibc's heap (malloc_keep_freed_memory: no "
+                        "per-step page faults of XLA's temporaries); 'default' leaves glibc's malloc as it is")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the records (one per impl and config) to this file")
     args = p.parse_args(argv)
@@ -450,6 +811,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    malloc = "default"
+    if args.malloc == "reuse" and not args.gpu:  # before torch and JAX start their threads (CPU runs)
+        malloc = "reuse" if malloc_keep_freed_memory() else "default (mallopt failed)"
     if args.cpu_cores is not None:  # before torch and JAX start their thread pools
         pin_cpu_cores(args.cpu_cores)
     import torch
@@ -463,10 +827,16 @@ def main(argv=None) -> list[dict]:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if args.xla_single_thread:
-        if "jax" in sys.modules:
-            raise SystemExit("--xla-single-thread must be set before JAX is imported (run the script directly)")
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    extra_flags = args.xla_flags.split() + (["--xla_cpu_multi_thread_eigen=false"] if args.xla_single_thread else [])
+    if (args.cpu_cores == 1 and not args.gpu and SINGLE_CORE_XLA_FLAG.split("=")[0] not in
+            " ".join(extra_flags + os.environ.get("XLA_FLAGS", "").split())):
+        extra_flags.append(SINGLE_CORE_XLA_FLAG)
+    if extra_flags:
+        if "jax" in sys.modules and not all(f in os.environ.get("XLA_FLAGS", "").split() for f in extra_flags):
+            raise SystemExit("--xla-flags / --xla-single-thread must be set before JAX is imported "
+                             "(run the script directly)")
+        os.environ["XLA_FLAGS"] = " ".join(os.environ.get("XLA_FLAGS", "").split()
+                                           + [f for f in extra_flags if f not in os.environ.get("XLA_FLAGS", "")])
     import jax
 
     if gpu and jax.default_backend() != "gpu":
@@ -480,6 +850,8 @@ def main(argv=None) -> list[dict]:
 
         attn_impl = "cudnn" if gpu and "cudnn" in ATTN_IMPLS else "xla"
     configs = tuple(args.configs.split(",")) if args.configs else (DEFAULT_GPU if gpu else DEFAULT_CPU)
+    unroll_arg = args.jax_scan_unroll or ("1" if gpu else "full")
+    scan_unroll = unroll_arg if unroll_arg == "full" else int(unroll_arg)
     target_s = args.target_seconds or (1.0 if gpu else 3.0)
     device = _device_name(gpu)
     peak_flops = _peak_flops(device, args.peak_tflops) if gpu else None
@@ -487,15 +859,26 @@ def main(argv=None) -> list[dict]:
           f"(threads {torch.get_num_threads()}); process on {len(os.sched_getaffinity(0))} core(s)"
           f"{' (--cpu-cores)' if args.cpu_cores else ''}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; attention: jax {attn_impl}, torch sdpa; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"malloc: {malloc}; load average {os.getloadavg()[0]:.1f}")
     records = []
     for name in configs:
         print(f"config {name}: {PRESETS[name][0]} batch {PRESETS[name][1]}", flush=True)
         records += bench_config(name, args.impls, gpu=gpu, repeats=args.repeats, target_s=target_s,
                                 attn_impl=attn_impl, seed=args.seed, device=device, peak_flops=peak_flops,
-                                scan_blocks=bool(args.jax_scan_blocks), log=lambda m: print(m, flush=True))
+                                scan_blocks=bool(args.jax_scan_blocks),
+                                scan_unroll=scan_unroll, log=lambda m: print(m, flush=True),
+                                gemm=not args.no_gemm, profile=args.profile, profile_steps=args.profile_steps)
+        for r in records:
+            r["config"].setdefault("malloc", malloc)
     print()
+    la = os.getloadavg()
+    print(f"load average (1/5/15 min) at the end: {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} on "
+          f"{os.cpu_count()} cores; process on {len(os.sched_getaffinity(0))}")
     print(format_table(records))
+    for r in records:
+        if r.get("profile"):
+            print()
+            print(format_profile(r["profile"], f"{r['config']['name']} {r['impl']}"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:

@@ -42,7 +42,7 @@ def test_bench_runs_records_and_reports_compile_errors(tmp_path, monkeypatch, ca
     monkeypatch.setattr(torch, "compile", broken_compile)
     out = tmp_path / "r.json"
     records = bench.main(["--cpu", "--configs", "tiny", "--repeats", "2", "--target-seconds", "0.2",
-                          "--json", str(out)])
+                          "--json", str(out), "--profile", str(tmp_path / "prof"), "--profile-steps", "1"])
     text = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert [r["impl"] for r in saved] == ["jax", "torch_eager", "torch_compile"]
@@ -55,6 +55,22 @@ def test_bench_runs_records_and_reports_compile_errors(tmp_path, monkeypatch, ca
         assert r["steps_per_s"] == pytest.approx(float(np.median(r["steps_per_s_repeats"])))
         # params, EMA and the two Adam moments are live throughout the step (float32)
         assert r["peak_bytes"] >= 4 * 4 * n_params
+        # per-step process CPU time and context switches, per round; the roofline from the same-run GEMM
+        assert r["cpu_s_per_step"] > 0 and len(r["cpu_s_per_step_repeats"]) == 2
+        assert r["nvcsw_per_step"] >= 0 and r["nivcsw_per_step"] >= 0
+        assert 0 <= r["sys_s_per_step"] <= r["cpu_s_per_step"] and r["minflt_per_step"] >= 0
+        assert r["config"]["malloc"] == "reuse"
+        assert r["x_roofline"] > 0 and r["x_roofline_cpu"] > 0 and r["roofline_s"] > 0
+        g = r["config"]["gemm"]
+        assert g["shape"] == list(bench.gemm_shape(*bench.PRESETS["tiny"])) and g["jax_gflops"] > 0
+        assert g["torch_gflops"] > 0 and len(r["config"]["load_average_1_5_15"]) == 3
+    prof = saved[0]["profile"]  # jax only: XLA thunk time split by kind and by model part
+    assert prof["thunk_ms_per_step"] > 0 and "profile" not in saved[1]
+    assert any(k.startswith("matmul") for k in prof["by_kind_ms"])
+    assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["thunk_ms_per_step"], rel=1e-6)
+    assert "other" not in prof["by_kind_ms"], prof["by_kind_ms"]  # every traced thunk found in the HLO
+    assert any("[bwd]" in k for k in prof["by_scope_ms"]) and "Profile of tiny jax" in text
+    assert "load average" in text and "x roofline" in text and "CPU ms/step" in text and "malloc: reuse" in text
     err = saved[2]
     assert err["steps_per_s"] is None and "no C++ compiler" in err["error"]
     assert "error: RuntimeError: no C++ compiler (simulated)" in text
@@ -250,3 +266,114 @@ def test_custom_matmul_vjp_is_opt_in_and_forward_mode_needs_it_off():
         else:
             _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
             assert np.all(np.isfinite(np.asarray(tangent)))
+
+
+def test_hlo_op_classification():
+    text = """HloModule m
+
+%fused_computation.1 (param_0: f32[4,8], param_1: f32[8,2]) -> f32[4,2] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  %param_1 = f32[8,2]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,2]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_transpose (param_0.2: f32[4,8]) -> f32[8,4] {
+  %param_0.2 = f32[4,8]{1,0} parameter(0)
+  ROOT %transpose.3 = f32[8,4]{1,0} transpose(%param_0.2), dimensions={1,0}
+}
+
+%fused_mul (param_0.3: f32[4,8]) -> f32[4,8] {
+  %param_0.3 = f32[4,8]{1,0} parameter(0)
+  ROOT %multiply.4 = f32[4,8]{1,0} multiply(%param_0.3, %param_0.3)
+}
+
+ENTRY %main (p0: f32[4,8], p1: f32[8,2]) -> (f32[4,2], /*index=1*/f32[8,4]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  %ynn_fusion.1 = f32[4,2]{1,0} fusion(%p0, %p1), kind=kCustom, calls=%fused_computation.1, metadata={op_name="jit(step)/transpose(jvp(DiT))/while/body/blocks/mlp/fc1/dot_general"}
+  %transpose_fusion = f32[8,4]{1,0} fusion(%p0), kind=kLoop, calls=%fused_transpose
+  %mul_fusion = f32[4,8]{1,0} fusion(%p0), kind=kLoop, calls=%fused_mul, metadata={op_name="jit(step)/jvp(DiT)/blocks/norm1/mul"}
+  %while.2 = (s32[], /*index=1*/f32[4,8]{1,0}) while(%t), condition=%c, body=%b
+  ROOT %tuple = (f32[4,2]{1,0}, /*index=1*/f32[8,4]{1,0}) tuple(%ynn_fusion.1, %transpose_fusion)
+}
+"""
+    instrs, comps = bench._parse_hlo(text)
+    assert bench.classify_hlo_op("ynn_fusion.1", instrs, comps) == "matmul (YNNPACK fusion)"
+    assert bench.classify_hlo_op("transpose_fusion", instrs, comps) == "copy/transpose"
+    assert bench.classify_hlo_op("mul_fusion", instrs, comps) == "elementwise loop fusion"
+    assert bench.classify_hlo_op("while.2", instrs, comps) == "control flow"
+    assert bench.scope_of(instrs["ynn_fusion.1"]["op_name"]) == "MLP (fc1, GELU, fc2) [bwd]"
+    assert bench.scope_of(instrs["mul_fusion"]["op_name"]) == "LayerNorm [fwd]"
+    assert bench.scope_of("jit(step)/mul").startswith("optimizer")
+
+
+def test_jax_variants_same_results():
+    """The opt-in JAX variants the bench A/Bs change speed only: nn.scan(unroll=2 / depth) and the
+    flattened clip+Adam give the same params and metrics as the default step (3 steps, tiny DiT)."""
+    from research.generative.losses import rectified_flow_loss
+    from research.nn.dit import make_model_fn
+    from research.train.optim import current_learning_rate, make_optimizer
+    from research.train.state import create_train_state
+    from research.train.step import make_train_step
+
+    kw = dict(bench.PRESETS["tiny"][0], depth=3)
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.standard_normal((8, 8, 8, 1)), jnp.float32),
+             "y": jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+    base = DiT(**kw)
+    params = jax.tree.map(lambda p: p + 0.05, init_dit(base, jax.random.key(0)))
+
+    def run(model, opt):
+        loss_fn = lambda p, b, k: rectified_flow_loss(make_model_fn(model), p, b["x"], k, cond=b["y"])  # noqa: E731
+        step = jax.jit(make_train_step(loss_fn, opt, ema_decay=0.9, donate=False, jit=False))
+        state = create_train_state(params, opt, jax.random.key(1), ema=True)
+        ms = []
+        for _ in range(3):
+            state, m = step(state, batch)
+            ms.append(m)
+        return state, ms
+
+    ref_state, ref_m = run(base, make_optimizer(**bench.HPARAMS))
+    for model, opt in [(DiT(**kw, scan_unroll=2), make_optimizer(**bench.HPARAMS)),
+                       (DiT(**kw, scan_unroll=3), make_optimizer(**bench.HPARAMS)),
+                       (base, bench.make_flat_adam_optimizer(**bench.HPARAMS))]:
+        state, ms = run(model, opt)
+        assert jax.tree.structure(state.params) == jax.tree.structure(ref_state.params)
+        for a, b in zip(ms, ref_m):
+            np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
+            np.testing.assert_allclose(float(a["lr"]), float(b["lr"]), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        assert current_learning_rate(state.opt_state) is not None
+
+
+@pytest.mark.parametrize("mode", ["default", "reuse"])
+def test_malloc_keep_freed_memory_stops_page_faults(mode):
+    """A 64 MiB malloc'd buffer written, freed and allocated again on a worker thread (as XLA:CPU does
+    with a step's temporaries): glibc's default mmaps it each time (~16k page faults for the second);
+    after malloc_keep_freed_memory the second allocation reuses the heap (almost no faults)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import ctypes, resource, threading\n"
+            "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
+            "libc.free.argtypes = [ctypes.c_void_p]\n"
+            "from experiments.bench_train_step import malloc_keep_freed_memory\n"
+            f"ok = malloc_keep_freed_memory() if {mode == 'reuse'!r} else True\n"
+            "out = []\n"
+            "def work():\n"
+            "    for _ in range(2):\n"
+            "        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "        p = libc.malloc(2**26); ctypes.memset(p, 1, 2**26); libc.free(p)\n"
+            "        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)\n"
+            "t = threading.Thread(target=work); t.start(); t.join(); print(ok, out[1])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+                         env={**os.environ, "GLIBC_TUNABLES": ""}).stdout.split()
+    assert res[0] == "True"
+    faults = int(res[1])
+    if mode == "reuse":
+        assert faults < 1000, faults
+    else:
+        assert faults > 4000, faults  # 16384 4-KiB pages

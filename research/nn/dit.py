@@ -212,6 +212,10 @@ class DiT(nn.Module):
     # a custom_vjp function has no forward-mode derivative, so jax.jvp through the model (the
     # PF-ODE likelihood's divergence) raises; turn it on for CPU training runs.
     custom_matmul_vjp: bool = False
+    # with scan_blocks=True: the `unroll` of the nn.scan over the blocks (1: a while loop of depth
+    # iterations, the default; k: k blocks per iteration; depth: fully unrolled). Parameter layout
+    # (stacked under `blocks`) and results are the same for every value.
+    scan_unroll: int = 1
 
     def _check(self, x, t, y):
         if self.hidden_size % self.num_heads:
@@ -271,7 +275,7 @@ class DiT(nn.Module):
         if self.scan_blocks:
             blocks = nn.scan(
                 block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=nn.broadcast, length=self.depth,
+                in_axes=nn.broadcast, length=self.depth, unroll=self.scan_unroll,
             )(**block_kw, name="blocks")
             h, _ = blocks(h, c)
         else:
