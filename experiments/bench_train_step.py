@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from research.runs.host import malloc_keep_freed_memory, pin_cpu_cores
+
 if __package__ in (None, ""):  # `python experiments/bench_train_step.py` from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -329,41 +331,6 @@ def _xla_threads() -> int:
     thunks) has one thread per core of the process's affinity mask, whatever
     ``--xla_cpu_multi_thread_eigen`` says (that flag only keeps Eigen's own kernels on one thread)."""
     return len(os.sched_getaffinity(0))
-
-
-def malloc_keep_freed_memory() -> bool:
-    """glibc malloc: one arena, no mmap, no trimming (``mallopt``; what
-    ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``
-    does at start-up), so a big buffer freed by one step is reused by the next instead of being
-    unmapped and page-faulted (and zeroed by the kernel) in again. XLA:CPU allocates the step's
-    temporaries (hundreds of MiB at cpu-medium) afresh each execution on a worker thread, whose glibc
-    arena cannot hold them, so by default they are mmapped: ~147k page faults and ~0.25 s of sys time
-    per cpu-medium step. Affects every allocation of the process (torch's too). Returns True on success
-    (False where there is no glibc). Call it before JAX and torch start their threads."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    return all(libc.mallopt(opt, val) == 1
-               for opt, val in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
-
-
-def pin_cpu_cores(n: int) -> list[int]:
-    """Restricts this process to ``n`` of its allowed cores: every existing thread and (inherited)
-    every thread created later. The way to give XLA:CPU and torch the same number of cores."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if not 1 <= n <= len(allowed):
-        raise ValueError(f"--cpu-cores must be between 1 and the {len(allowed)} cores this process may use, got {n}")
-    cores = set(allowed[:n])
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cores)
-        except ProcessLookupError:  # a thread that ended meanwhile
-            pass
-    return sorted(cores)
 
 
 def _peak_flops(device: str, override_tflops: float | None) -> float | None:

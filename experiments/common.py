@@ -50,9 +50,18 @@ def run_cli(run, argv=None, *, default_config: str, parser: argparse.ArgumentPar
     """Parses ``--config PATH[:preset] [--set k=v ...] [--debug]``, loads and validates the config, calls
     ``run(cfg)`` and returns its result. Expected errors -> ``error: <message>`` on stderr and
     ``SystemExit`` with a nonzero status (2 config/value, 3 checkpoint, 4 non-finite loss, 5 missing
-    file, 6 backend/runtime, 130 interrupted); ``--debug`` re-raises them with the traceback."""
+    file, 6 backend/runtime, 130 interrupted); ``--debug`` re-raises them with the traceback.
+
+    From the command line (``argv is None``) glibc malloc is first set to keep freed memory
+    (``research.runs.host.malloc_keep_freed_memory``: XLA:CPU's per-step temporaries are otherwise
+    page-faulted in on every step; no numeric change); ``RESEARCH_MALLOC=default`` skips that.
+    Calls with an explicit ``argv`` (tests, notebooks) leave the process's allocator alone."""
     from research.runs.config import add_config_args, load_config
 
+    if argv is None and os.environ.get("RESEARCH_MALLOC", "reuse") != "default":
+        from research.runs.host import malloc_keep_freed_memory
+
+        malloc_keep_freed_memory()
     parser = parser or argparse.ArgumentParser(description=(run.__doc__ or "").split("\n")[0])
     add_config_args(parser, default_config=default_config)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -150,15 +159,17 @@ def save_image_grid(path: str, images: np.ndarray, labels: np.ndarray, *, column
 
 def build_digits_dit(*, patch_size: int, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float,
                      class_dropout_prob: float, qk_norm: bool, attn_impl: str, remat_policy: str,
-                     scan_blocks: bool):
-    """The class-conditional DiT for 8x8x1 digits (10 classes + the null label)."""
+                     scan_blocks: bool, scan_unroll: int = 0):
+    """The class-conditional DiT for 8x8x1 digits (10 classes + the null label). ``scan_unroll=0``
+    unrolls the scanned blocks fully (``depth``): same parameters and results as the while loop,
+    ~20 % less CPU per step on these sizes (docs/benchmarks/train_step.md)."""
     from research.data.digits import NUM_CLASSES
     from research.nn.dit import DiT
 
     return DiT(input_size=8, in_channels=1, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
                num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=NUM_CLASSES,
                class_dropout_prob=class_dropout_prob, qk_norm=qk_norm, attn_impl=attn_impl,
-               remat_policy=remat_policy, scan_blocks=scan_blocks)
+               remat_policy=remat_policy, scan_blocks=scan_blocks, scan_unroll=scan_unroll or depth)
 
 
 def build_digits_method(name: str, *, beta_min: float, beta_max: float, ve_sigma_max: float,
