@@ -359,7 +359,7 @@ def test_malloc_keep_freed_memory_stops_page_faults(mode):
     code = ("import ctypes, resource, threading\n"
             "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
             "libc.free.argtypes = [ctypes.c_void_p]\n"
-            "from experiments.bench_train_step import malloc_keep_freed_memory\n"
+            "from research.runs.host import malloc_keep_freed_memory\n"
             f"ok = malloc_keep_freed_memory() if {mode == 'reuse'!r} else True\n"
             "out = []\n"
             "def work():\n"
